@@ -1,0 +1,15 @@
+"""scanpy-scvi: scVI-family models as one-line calls in a scanpy workflow."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import datasets, pl, pp, tl
+from .model import SCVI
+
+try:
+    __version__ = version("scanpy-scvi")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["SCVI", "datasets", "pl", "pp", "tl", "__version__"]

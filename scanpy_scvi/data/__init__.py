@@ -1,0 +1,1 @@
+"""AnnData -> checked minibatches (private)."""

@@ -1,0 +1,66 @@
+"""Minibatches straight from an AnnData matrix (dense, CSR, CSC or backed) into tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+
+def dense_rows(X, rows: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
+    """``X[rows][:, cols]`` as a dense float32 array, without densifying anything else.
+
+    ``rows`` must be sorted when ``X`` is backed on disk (h5py needs increasing indices).
+    """
+    block = X[rows]
+    if cols is not None:
+        block = block[:, cols]
+    if sp.issparse(block) or hasattr(block, "toarray"):
+        block = block.toarray()
+    return np.asarray(block, dtype=np.float32)
+
+
+def row_chunks(n_obs: int, n_cols: int, max_elements: int = 16_000_000):
+    """Contiguous row slices whose dense size stays below ``max_elements`` (64 MB of float32)."""
+    step = max(1, max_elements // max(n_cols, 1))
+    for start in range(0, n_obs, step):
+        yield slice(start, min(start + step, n_obs))
+
+
+class MinibatchSource:
+    """Gathers the rows of one AnnData (already validated) as a dict of tensors.
+
+    Parameters
+    ----------
+    X
+        The count matrix: numpy array, scipy sparse matrix, or a backed dataset.
+    gene_idx
+        Columns of ``X`` that the model uses, in model order, or None for all of them.
+    obs
+        Per-cell arrays (``batch``, ``labels``, and optionally ``cat_covs``, ``cont_covs``,
+        ``size_factor``), aligned with the rows of ``X``.
+    """
+
+    def __init__(self, X, gene_idx: np.ndarray | None, obs: dict[str, np.ndarray]):
+        self.X = X
+        self.gene_idx = gene_idx
+        self.obs = obs
+        self.n_obs = X.shape[0]
+        self._backed = not isinstance(X, np.ndarray) and not sp.issparse(X)
+
+    def get(self, idx: np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        idx = np.asarray(idx)
+        if self._backed and np.any(np.diff(idx) < 0):
+            order = np.argsort(idx, kind="stable")
+            X = np.empty((len(idx), self.n_vars), dtype=np.float32)
+            X[order] = dense_rows(self.X, idx[order], self.gene_idx)
+        else:
+            X = dense_rows(self.X, idx, self.gene_idx)
+        out = {"X": torch.from_numpy(X)}
+        for key, values in self.obs.items():
+            out[key] = torch.from_numpy(np.ascontiguousarray(values[idx]))
+        return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+    @property
+    def n_vars(self) -> int:
+        return self.X.shape[1] if self.gene_idx is None else len(self.gene_idx)

@@ -1,0 +1,300 @@
+"""What a model needs to know about its AnnData, and every input check.
+
+A :class:`DataSetup` is created once from the training AnnData and stored with the model
+(it is plain JSON). Training, inference on another AnnData, and loading a saved model all
+go through :meth:`DataSetup.bind`, so a mismatch is caught in one place with one message.
+Nothing here modifies the AnnData.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ._batches import MinibatchSource, row_chunks
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+
+
+@dataclass
+class DataSetup:
+    """Genes, layer and categorical mappings of a model (JSON-serialisable)."""
+
+    genes: list[str]
+    layer: str | None = None
+    batch_key: str | None = None
+    batch_categories: list[str] = field(default_factory=lambda: ["0"])
+    labels_key: str | None = None
+    label_categories: list[str] = field(default_factory=lambda: ["0"])
+    categorical_covariate_keys: list[str] = field(default_factory=list)
+    categorical_covariate_categories: list[list[str]] = field(default_factory=list)
+    continuous_covariate_keys: list[str] = field(default_factory=list)
+    size_factor_key: str | None = None
+    check_counts: bool = True
+
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def from_adata(
+        cls,
+        adata: AnnData,
+        *,
+        genes: Sequence[str] | None = None,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        categorical_covariate_keys: Sequence[str] | None = None,
+        continuous_covariate_keys: Sequence[str] | None = None,
+        size_factor_key: str | None = None,
+        check_counts: bool = True,
+    ) -> DataSetup:
+        """Read the categories of ``adata`` (the training data). Raises on bad input."""
+        _check_layer(adata, layer)
+        genes = list(adata.var_names if genes is None else genes)
+        cat_keys = list(categorical_covariate_keys or [])
+        for key in [batch_key, labels_key, *cat_keys, *(continuous_covariate_keys or []), size_factor_key]:
+            if key is not None:
+                _check_obs_key(adata, key)
+        return cls(
+            genes=[str(g) for g in genes],
+            layer=layer,
+            batch_key=batch_key,
+            batch_categories=_categories(adata, batch_key),
+            labels_key=labels_key,
+            label_categories=_categories(adata, labels_key),
+            categorical_covariate_keys=cat_keys,
+            categorical_covariate_categories=[_categories(adata, k) for k in cat_keys],
+            continuous_covariate_keys=list(continuous_covariate_keys or []),
+            size_factor_key=size_factor_key,
+            check_counts=check_counts,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataSetup:
+        return cls(**d)
+
+    @property
+    def n_batch(self) -> int:
+        return len(self.batch_categories)
+
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_categories)
+
+    @property
+    def n_cats_per_cov(self) -> tuple[int, ...]:
+        return tuple(len(c) for c in self.categorical_covariate_categories)
+
+    def batch_code(self, value) -> int:
+        """Code of a batch given as a category (or, if not a category, as an integer code)."""
+        if str(value) in self.batch_categories:
+            return self.batch_categories.index(str(value))
+        if isinstance(value, (int, np.integer)) and 0 <= value < self.n_batch:
+            return int(value)
+        msg = (
+            f"Unknown batch {value!r} for transform_batch: the model knows the batches "
+            f"{self.batch_categories} (from obs[{self.batch_key!r}])."
+        )
+        raise ValueError(msg)
+
+    # -- binding an AnnData ----------------------------------------------------------------
+    def bind(self, adata: AnnData) -> BoundData:
+        """Check ``adata`` against this setup and return its minibatch source.
+
+        Genes are matched by name (any order, extra genes ignored); every categorical value
+        must be a known category; counts are checked chunk by chunk (never densified).
+        """
+        _check_layer(adata, self.layer)
+        gene_idx = self._gene_index(adata)
+        obs: dict[str, np.ndarray] = {
+            "batch": self._codes(adata, self.batch_key, self.batch_categories, "batch_key"),
+            "labels": self._codes(adata, self.labels_key, self.label_categories, "labels_key"),
+        }
+        if self.categorical_covariate_keys:
+            obs["cat_covs"] = np.stack(
+                [
+                    self._codes(adata, k, cats, "categorical_covariate_keys")
+                    for k, cats in zip(self.categorical_covariate_keys, self.categorical_covariate_categories)
+                ],
+                axis=1,
+            )
+        if self.continuous_covariate_keys:
+            obs["cont_covs"] = np.stack(
+                [_numeric_obs(adata, k) for k in self.continuous_covariate_keys], axis=1
+            ).astype(np.float32)
+        if self.size_factor_key is not None:
+            sf = _numeric_obs(adata, self.size_factor_key).astype(np.float32)
+            if np.any(sf <= 0):
+                msg = f"obs[{self.size_factor_key!r}] (size_factor_key) must be positive; found {np.sum(sf <= 0)} values <= 0."
+                raise ValueError(msg)
+            obs["size_factor"] = sf[:, None]
+        X = adata.layers[self.layer] if self.layer is not None else adata.X
+        if sp.issparse(X) and X.format == "csc":
+            X = X[:, gene_idx].tocsr()  # row access on CSC is slow; keep only the model genes
+            gene_idx = None
+        elif gene_idx is not None and np.array_equal(gene_idx, np.arange(X.shape[1])):
+            gene_idx = None
+        library = _check_counts_and_library(X, gene_idx, self.check_counts, self.layer)
+        return BoundData(MinibatchSource(X, gene_idx, obs), library)
+
+    def _gene_index(self, adata: AnnData) -> np.ndarray:
+        pos = pd.Index(adata.var_names.astype(str))
+        if not pos.is_unique:
+            msg = "adata.var_names are not unique; run `adata.var_names_make_unique()` first."
+            raise ValueError(msg)
+        idx = pos.get_indexer(self.genes)
+        missing = [g for g, i in zip(self.genes, idx) if i < 0]
+        if missing:
+            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+            msg = (
+                f"{len(missing)} of the model's {len(self.genes)} genes are missing from adata.var_names "
+                f"({shown}). The AnnData must contain every gene the model was trained on (any order; "
+                "extra genes are ignored). For a query with missing genes, zero-pad them explicitly."
+            )
+            raise ValueError(msg)
+        return idx
+
+    def _codes(self, adata: AnnData, key: str | None, categories: list[str], arg: str) -> np.ndarray:
+        if key is None:
+            return np.zeros(adata.n_obs, dtype=np.int64)
+        _check_obs_key(adata, key, arg)
+        values = adata.obs[key]
+        if values.isna().any():
+            msg = (
+                f"obs[{key!r}] ({arg}) has {int(values.isna().sum())} missing values (NaN). "
+                "Fill them with a category (e.g. 'unknown') or drop those cells."
+            )
+            raise ValueError(msg)
+        as_str = values.astype(str).to_numpy()
+        codes = pd.Index(categories).get_indexer(as_str)
+        if np.any(codes < 0):
+            unknown = sorted(set(as_str[codes < 0]))
+            msg = (
+                f"obs[{key!r}] ({arg}) contains categories the model does not know: {unknown[:10]}. "
+                f"Known categories: {categories}. Map these cells to a known category, or map them "
+                "as a query (reference mapping) instead."
+            )
+            raise ValueError(msg)
+        return codes.astype(np.int64)
+
+
+@dataclass
+class BoundData:
+    """An AnnData checked against a :class:`DataSetup`: minibatch source plus total counts."""
+
+    source: MinibatchSource
+    library: np.ndarray  # per-cell total counts over the model genes
+
+    @property
+    def n_obs(self) -> int:
+        return self.source.n_obs
+
+
+# -- checks ------------------------------------------------------------------------------
+def _check_layer(adata: AnnData, layer: str | None) -> None:
+    if layer is not None and layer not in adata.layers:
+        msg = f"layer={layer!r} not found in adata.layers (available: {list(adata.layers.keys())})."
+        raise KeyError(msg)
+
+
+def _check_obs_key(adata: AnnData, key: str, arg: str = "key") -> None:
+    if not isinstance(key, str):
+        msg = f"{arg} must be a column name (str), got {type(key).__name__}."
+        raise TypeError(msg)
+    if key not in adata.obs.columns:
+        msg = f"{key!r} not found in adata.obs (columns: {list(adata.obs.columns)[:20]})."
+        raise KeyError(msg)
+
+
+def _categories(adata: AnnData, key: str | None) -> list[str]:
+    if key is None:
+        return ["0"]
+    values = adata.obs[key]
+    if values.isna().any():
+        msg = (
+            f"obs[{key!r}] has {int(values.isna().sum())} missing values (NaN). "
+            "Fill them with a category (e.g. 'unknown') or drop those cells."
+        )
+        raise ValueError(msg)
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        cats = [str(c) for c in values.cat.categories]
+    else:
+        cats = sorted({str(v) for v in values})
+    if len(set(cats)) != len(cats):
+        msg = f"obs[{key!r}] has categories that are equal as strings: {cats}."
+        raise ValueError(msg)
+    return cats
+
+
+def _numeric_obs(adata: AnnData, key: str) -> np.ndarray:
+    _check_obs_key(adata, key)
+    values = adata.obs[key]
+    if not pd.api.types.is_numeric_dtype(values):
+        msg = f"obs[{key!r}] must be numeric (continuous covariate or size factor), got {values.dtype}."
+        raise TypeError(msg)
+    arr = values.to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        msg = f"obs[{key!r}] has {int(np.sum(~np.isfinite(arr)))} NaN or infinite values."
+        raise ValueError(msg)
+    return arr
+
+
+def _check_counts_and_library(X, gene_idx: np.ndarray | None, check_counts: bool, layer: str | None) -> np.ndarray:
+    """One chunked pass over the model genes: finite, non-negative, integer; per-cell totals."""
+    where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+    n_obs = X.shape[0]
+    n_vars = X.shape[1] if gene_idx is None else len(gene_idx)
+    library = np.empty(n_obs, dtype=np.float64)
+    for rows in row_chunks(n_obs, n_vars):
+        block = X[rows]
+        if gene_idx is not None:
+            block = block[:, gene_idx]
+        if hasattr(block, "toarray") and not sp.issparse(block):
+            block = block.toarray()
+        values = block.data if sp.issparse(block) else np.asarray(block)
+        if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+            msg = f"{where} has dtype {values.dtype}; scVI needs numeric raw counts."
+            raise TypeError(msg)
+        if values.size:
+            if not np.all(np.isfinite(values)):
+                msg = (
+                    f"{where} contains NaN or infinite values in the model's genes. "
+                    "scVI needs raw counts; fix or remove those entries."
+                )
+                raise ValueError(msg)
+            if values.min() < 0:
+                msg = (
+                    f"{where} contains negative values (min {values.min():.3g}): it is not count data "
+                    "(scaled or regressed?). Pass raw counts, e.g. `layer='counts'`."
+                )
+                raise ValueError(msg)
+            if check_counts:
+                frac = values[values != np.round(values)]
+                if frac.size:
+                    msg = (
+                        f"{where} contains non-integer values (e.g. {frac[0]:.4g}): it looks normalised or "
+                        "log-transformed. scVI models raw counts: pass the layer holding them "
+                        "(e.g. `layer='counts'`), or `check_counts=False` if your counts are legitimately "
+                        "non-integer (e.g. SoupX-corrected)."
+                    )
+                    raise ValueError(msg)
+        library[rows] = np.asarray(block.sum(axis=1)).ravel()
+    empty = int(np.sum(library <= 0))
+    if empty:
+        msg = (
+            f"{empty} of {n_obs} cells have zero total counts in the model's genes; scVI's library "
+            "size log(total) is undefined for them. Filter them first, e.g. "
+            "`adata = adata[np.asarray(adata[:, genes].X.sum(1)).ravel() > 0].copy()` with the model's "
+            "genes (or `sc.pp.filter_cells(adata, min_counts=1)` when all genes are used)."
+        )
+        raise ValueError(msg)
+    return library

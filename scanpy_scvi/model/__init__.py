@@ -1,0 +1,5 @@
+"""Model objects."""
+
+from ._scvi import SCVI
+
+__all__ = ["SCVI"]

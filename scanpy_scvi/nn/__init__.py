@@ -1,0 +1,1 @@
+"""Pure-torch building blocks (private; no AnnData here)."""

@@ -1,0 +1,310 @@
+"""The scVI variational autoencoder (and its linearly decoded variant, LDVAE).
+
+Pure torch: a module sees dense count tensors and integer codes, never an AnnData. A
+minibatch is a dict with
+
+``X``          (cells, genes) float counts
+``batch``      (cells,) int64 batch codes
+``labels``     (cells,) int64 label codes
+``cat_covs``   (cells, k) int64 codes of extra categorical covariates, or absent
+``cont_covs``  (cells, c) float continuous covariates, or absent
+``size_factor`` (cells, 1) float, or absent
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._layers import FCLayers, _apply_2d, batch_norm
+from ._likelihoods import log_nb, log_poisson, log_zinb
+
+VAR_EPS = 1e-4  # added to the encoder variance, as in the reference
+
+Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
+Likelihood = Literal["zinb", "nb", "poisson"]
+NormChoice = Literal["encoder", "decoder", "both", "none"]
+
+
+class GaussianEncoder(nn.Module):
+    """An ``FCLayers`` trunk with mean and log-variance heads: q(. | x) = N(mu, var + 1e-4)."""
+
+    def __init__(self, n_in: int, n_out: int, *, n_hidden: int, **trunk_kwargs):
+        super().__init__()
+        self.trunk = FCLayers(n_in, n_hidden, n_hidden=n_hidden, **trunk_kwargs)
+        self.mean = nn.Linear(n_hidden, n_out)
+        self.log_var = nn.Linear(n_hidden, n_out)
+
+    def forward(self, x: torch.Tensor, cov: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(x, cov)
+        return self.mean(h), torch.exp(self.log_var(h)) + VAR_EPS
+
+
+class VAE(nn.Module):
+    """scVI: q(z | x) and (optionally) q(l | x) encoders, a softmax decoder and a count likelihood.
+
+    See ``docs/model.rst`` for the generative model. ``linear_decoder=True`` gives LDVAE
+    (Svensson et al. 2020): a single linear map from z to the gene logits, batch-normalised,
+    without bias, so that its (folded) weights are interpretable loadings.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        *,
+        n_batch: int = 1,
+        n_labels: int = 1,
+        n_cats_per_cov: tuple[int, ...] = (),
+        n_continuous_cov: int = 0,
+        n_hidden: int = 128,
+        n_latent: int = 10,
+        n_layers: int = 1,
+        dropout_rate: float = 0.1,
+        dispersion: Dispersion = "gene",
+        gene_likelihood: Likelihood = "zinb",
+        latent_distribution: Literal["normal", "ln"] = "normal",
+        use_observed_lib_size: bool = True,
+        use_size_factor: bool = False,
+        linear_decoder: bool = False,
+        encode_covariates: bool = False,
+        deeply_inject_covariates: bool = True,
+        use_batch_norm: NormChoice = "both",
+        use_layer_norm: NormChoice = "none",
+    ):
+        super().__init__()
+        self.n_input, self.n_batch, self.n_labels, self.n_latent = n_input, n_batch, n_labels, n_latent
+        self.n_cats_per_cov = tuple(n_cats_per_cov)
+        self.n_continuous_cov = n_continuous_cov
+        self.dispersion = dispersion
+        self.gene_likelihood = gene_likelihood
+        self.latent_distribution = latent_distribution
+        self.use_observed_lib_size = use_observed_lib_size
+        self.use_size_factor = use_size_factor
+        self.linear_decoder = linear_decoder
+        self.encode_covariates = encode_covariates
+
+        # One-hot widths of the categorical covariates (batch first); 1-category ones are dropped.
+        self.cat_sizes = [n for n in (n_batch, *self.n_cats_per_cov) if n > 1]
+        n_cat = sum(self.cat_sizes)
+        enc_cov = n_cat if encode_covariates else 0
+        enc_in = n_input + (n_continuous_cov if encode_covariates else 0)
+        encoder_kwargs = dict(
+            n_cov=enc_cov,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            use_batch_norm=use_batch_norm in ("encoder", "both"),
+            use_layer_norm=use_layer_norm in ("encoder", "both"),
+            inject_covariates=deeply_inject_covariates,
+        )
+        self.z_encoder = GaussianEncoder(enc_in, n_latent, n_hidden=n_hidden, **encoder_kwargs)
+        if not use_observed_lib_size:
+            self.l_encoder = GaussianEncoder(enc_in, 1, n_hidden=n_hidden, **{**encoder_kwargs, "n_layers": 1})
+        self.register_buffer("library_log_means", torch.zeros(1, n_batch))
+        self.register_buffer("library_log_vars", torch.ones(1, n_batch))
+
+        dec_in = n_latent + n_continuous_cov
+        if linear_decoder:
+            use_bn = use_batch_norm in ("decoder", "both")
+            self.scale_decoder = _linear_head(dec_in + n_cat, n_input, use_bn)
+            self.dropout_decoder = _linear_head(dec_in + n_cat, n_input, use_bn)
+        else:
+            self.decoder = FCLayers(
+                dec_in,
+                n_hidden,
+                n_cov=n_cat,
+                n_layers=n_layers,
+                n_hidden=n_hidden,
+                dropout_rate=0.0,
+                use_batch_norm=use_batch_norm in ("decoder", "both"),
+                use_layer_norm=use_layer_norm in ("decoder", "both"),
+                inject_covariates=deeply_inject_covariates,
+            )
+            self.scale_head = nn.Linear(n_hidden, n_input)
+            self.dropout_head = nn.Linear(n_hidden, n_input)
+            if dispersion == "gene-cell":
+                self.theta_head = nn.Linear(n_hidden, n_input)
+        n_theta_cols = {"gene": 0, "gene-batch": n_batch, "gene-label": n_labels, "gene-cell": 0}[dispersion]
+        if dispersion != "gene-cell":
+            shape = (n_input, n_theta_cols) if n_theta_cols else (n_input,)
+            self.log_theta = nn.Parameter(torch.randn(*shape))
+
+    # -- covariates ---------------------------------------------------------------------
+    def _one_hot(self, batch: torch.Tensor, cat_covs: torch.Tensor | None) -> torch.Tensor | None:
+        codes = [batch] + ([] if cat_covs is None else list(cat_covs.unbind(-1)))
+        blocks = [
+            F.one_hot(c, n).to(torch.float32) for c, n in zip(codes, (self.n_batch, *self.n_cats_per_cov)) if n > 1
+        ]
+        return torch.cat(blocks, dim=-1) if blocks else None
+
+    # -- q(z, l | x) ------------------------------------------------------------------------
+    def inference(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> dict[str, torch.Tensor]:
+        x = tensors["X"]
+        enc_in = torch.log1p(x)
+        cov = None
+        if self.encode_covariates:
+            cont = tensors.get("cont_covs")
+            if cont is not None:
+                enc_in = torch.cat([enc_in, cont], dim=-1)
+            cov = self._one_hot(tensors["batch"], tensors.get("cat_covs"))
+        qz_m, qz_v = self.z_encoder(enc_in, cov)
+        out = {"qz_m": qz_m, "qz_v": qz_v}
+        z = _rsample(qz_m, qz_v, n_samples)
+        out["z_untransformed"] = z
+        out["z"] = torch.softmax(z, dim=-1) if self.latent_distribution == "ln" else z
+        if self.use_observed_lib_size:
+            library = torch.log(x.sum(dim=-1, keepdim=True))
+            out["library"] = library.expand(n_samples, *library.shape) if n_samples > 1 else library
+        else:
+            ql_m, ql_v = self.l_encoder(enc_in, cov)
+            out.update(ql_m=ql_m, ql_v=ql_v, library=_rsample(ql_m, ql_v, n_samples))
+        return out
+
+    # -- p(x | z, l) ------------------------------------------------------------------------
+    def generative(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+        transform_batch: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Decoder outputs. ``transform_batch`` replaces the batch code seen by the decoder."""
+        batch = tensors["batch"]
+        if transform_batch is not None:
+            batch = torch.full_like(batch, transform_batch)
+        cov = self._one_hot(batch, tensors.get("cat_covs"))
+        dec_in = z
+        cont = tensors.get("cont_covs")
+        if cont is not None:
+            dec_in = torch.cat([z, cont.expand(*z.shape[:-1], cont.shape[-1])], dim=-1)
+
+        if self.linear_decoder:
+            full_in = dec_in if cov is None else torch.cat([dec_in, cov.expand(*z.shape[:-1], cov.shape[-1])], -1)
+            scale_logits = _apply_2d(self.scale_decoder, full_in)
+            zi_logits = _apply_2d(self.dropout_decoder, full_in)
+            h = None
+        else:
+            h = self.decoder(dec_in, cov)
+            scale_logits = self.scale_head(h)
+            zi_logits = self.dropout_head(h)
+
+        if self.use_size_factor:
+            px_scale = F.softplus(scale_logits)
+            library = torch.log(tensors["size_factor"]).expand_as(library)
+        else:
+            px_scale = torch.softmax(scale_logits, dim=-1)
+        px_rate = torch.exp(library) * px_scale
+
+        if self.dispersion == "gene":
+            theta = torch.exp(self.log_theta)
+        elif self.dispersion == "gene-batch":
+            theta = torch.exp(self.log_theta[:, batch].T)
+        elif self.dispersion == "gene-label":
+            theta = torch.exp(self.log_theta[:, tensors["labels"]].T)
+        else:
+            theta = torch.exp(self.theta_head(h))
+        return {"px_scale": px_scale, "px_rate": px_rate, "theta": theta, "zi_logits": zi_logits}
+
+    def log_likelihood(self, x: torch.Tensor, gen: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(x | z, l) summed over genes; shape = leading dims of ``px_rate`` without genes."""
+        mu = gen["px_rate"]
+        if self.gene_likelihood == "zinb":
+            lp = log_zinb(x, mu, gen["theta"], gen["zi_logits"])
+        elif self.gene_likelihood == "nb":
+            lp = log_nb(x, mu, gen["theta"])
+        else:
+            lp = log_poisson(x, mu)
+        return lp.sum(dim=-1)
+
+    def forward(self, tensors: dict[str, torch.Tensor], n_samples: int = 1, transform_batch: int | None = None):
+        inf = self.inference(tensors, n_samples=n_samples)
+        gen = self.generative(inf["z"], inf["library"], tensors, transform_batch=transform_batch)
+        return inf, gen
+
+    # -- objective -----------------------------------------------------------------------------
+    def loss(self, tensors: dict[str, torch.Tensor], kl_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """Per-cell reconstruction and KL terms and the minibatch loss.
+
+        loss = mean over cells of [recon + kl_weight * kl_z + kl_l]; only the z-KL is warmed up.
+        """
+        inf, gen = self(tensors)
+        recon = -self.log_likelihood(tensors["X"], gen)
+        kl_z = _kl_normal_std(inf["qz_m"], inf["qz_v"]).sum(-1)
+        kl_l = torch.zeros_like(kl_z)
+        if not self.use_observed_lib_size:
+            prior_m, prior_v = self._library_prior(tensors["batch"])
+            kl_l = _kl_normal(inf["ql_m"], inf["ql_v"], prior_m, prior_v).sum(-1)
+        loss = torch.mean(recon + kl_weight * kl_z + kl_l)
+        return {"loss": loss, "reconstruction_loss": recon, "kl_z": kl_z, "kl_l": kl_l}
+
+    def _library_prior(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.library_log_means[0, batch].unsqueeze(-1), self.library_log_vars[0, batch].unsqueeze(-1)
+
+    @torch.no_grad()
+    def marginal_ll(self, tensors: dict[str, torch.Tensor], n_mc_samples: int, per_pass: int = 100) -> torch.Tensor:
+        """Importance-sampled log p(x) per cell, with q(z, l | x) as the proposal.
+
+        Densities are evaluated at the untransformed z, which is the correct importance weight
+        for both latent distributions (the reference uses the softmaxed z for ``ln``).
+        """
+        chunks = []
+        remaining = n_mc_samples
+        while remaining > 0:
+            s = min(per_pass, remaining)
+            remaining -= s
+            inf = self.inference(tensors, n_samples=s)
+            inf = {k: (v if v.dim() == 3 else v.expand(s, *v.shape)) for k, v in inf.items()}
+            gen = self.generative(inf["z"], inf["library"], tensors)
+            z = inf["z_untransformed"]
+            log_w = (
+                self.log_likelihood(tensors["X"], gen)
+                + _log_normal(z, torch.zeros_like(z), torch.ones_like(z)).sum(-1)
+                - _log_normal(z, inf["qz_m"], inf["qz_v"]).sum(-1)
+            )
+            if not self.use_observed_lib_size:
+                lib = inf["library"]
+                prior_m, prior_v = self._library_prior(tensors["batch"])
+                log_w = log_w + (
+                    _log_normal(lib, prior_m, prior_v) - _log_normal(lib, inf["ql_m"], inf["ql_v"])
+                ).sum(-1)
+            chunks.append(log_w)
+        return torch.logsumexp(torch.cat(chunks, dim=0), dim=0) - math.log(n_mc_samples)
+
+    @torch.no_grad()
+    def loadings(self) -> torch.Tensor:
+        """LDVAE gene loadings (genes, n_latent): the linear weight with batch norm folded in."""
+        linear = self.scale_decoder[0]
+        weight = linear.weight[:, : self.n_latent]
+        if len(self.scale_decoder) > 1:
+            bn = self.scale_decoder[1]
+            weight = weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).unsqueeze(-1)
+        return weight
+
+
+def _linear_head(n_in: int, n_out: int, use_batch_norm: bool) -> nn.Sequential:
+    layers = [nn.Linear(n_in, n_out, bias=False)]
+    if use_batch_norm:
+        layers.append(batch_norm(n_out))
+    return nn.Sequential(*layers)
+
+
+def _rsample(mean: torch.Tensor, var: torch.Tensor, n_samples: int) -> torch.Tensor:
+    shape = (n_samples, *mean.shape) if n_samples > 1 else mean.shape
+    return mean + torch.sqrt(var) * torch.randn(shape, dtype=mean.dtype, device=mean.device)
+
+
+def _log_normal(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (torch.log(2 * math.pi * var) + (x - mean) ** 2 / var)
+
+
+def _kl_normal(m: torch.Tensor, v: torch.Tensor, prior_m: torch.Tensor, prior_v: torch.Tensor) -> torch.Tensor:
+    """KL(N(m, v) || N(prior_m, prior_v)), elementwise."""
+    return 0.5 * (torch.log(prior_v / v) + (v + (m - prior_m) ** 2) / prior_v - 1)
+
+
+def _kl_normal_std(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """KL(N(m, v) || N(0, 1)), elementwise."""
+    return 0.5 * (v + m**2 - 1 - torch.log(v))

@@ -1,0 +1,3 @@
+"""Tools that work on a fitted model."""
+
+__all__: list[str] = []

@@ -1,0 +1,148 @@
+"""A plain training loop: Adam, KL warm-up, per-epoch history, early stopping."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .._compat import logg
+from ..data._batches import MinibatchSource
+from ..nn._vae import VAE
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; defaults are those of scvi-tools' ``TrainingPlan``."""
+
+    max_epochs: int = 400
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    eps: float = 0.01
+    batch_size: int = 128
+    n_epochs_kl_warmup: int | None = 400
+    min_kl_weight: float = 0.0
+    max_kl_weight: float = 1.0
+    early_stopping: bool = False
+    early_stopping_patience: int = 45
+    early_stopping_min_delta: float = 0.0
+
+    def kl_weight(self, epoch: int) -> float:
+        """Linear warm-up from ``min_kl_weight`` to ``max_kl_weight``, constant within an epoch."""
+        if not self.n_epochs_kl_warmup or epoch >= self.n_epochs_kl_warmup:
+            return self.max_kl_weight
+        return self.min_kl_weight + (self.max_kl_weight - self.min_kl_weight) * epoch / self.n_epochs_kl_warmup
+
+
+def minibatches(indices: np.ndarray, batch_size: int, min_size: int = 3) -> list[np.ndarray]:
+    """Split ``indices`` into minibatches; a tail smaller than ``min_size`` joins the previous one.
+
+    BatchNorm cannot train on a single cell (the classic "Expected more than 1 value per
+    channel" crash); merging the tail keeps every cell in every epoch.
+    """
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < min_size:
+        batches[-2] = np.concatenate([batches[-2], batches.pop()])
+    return batches
+
+
+def train_vae(
+    module: VAE,
+    source: MinibatchSource,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    seed: int | None,
+    progress_bar: bool = True,
+) -> tuple[dict[str, list[float]], int | None]:
+    """Train ``module`` in place; return the per-epoch history and the restored best epoch.
+
+    Metrics follow scvi-tools: ``elbo_*`` = mean over cells of recon + unweighted KL;
+    ``reconstruction_loss_*``, ``kl_local_*`` (z and library KL), ``kl_weight`` and
+    ``train_loss`` (the warm-up weighted objective). With early stopping the weights of the
+    best epoch (by ``elbo_validation``, or ``elbo_train`` without a validation set) are
+    restored at the end.
+    """
+    module.to(device)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+    shuffle_rng = np.random.default_rng(seed)
+    history: dict[str, list[float]] = {}
+    monitor = "elbo_validation" if len(val_idx) else "elbo_train"
+    best, best_state, best_epoch, since_best = math.inf, None, -1, 0
+
+    bar = tqdm(range(config.max_epochs), desc="Training scVI", unit="epoch", disable=not progress_bar)
+    for epoch in bar:
+        kl_weight = config.kl_weight(epoch)
+        module.train()
+        sums = _Sums()
+        for idx in minibatches(shuffle_rng.permutation(train_idx), config.batch_size):
+            out = module.loss(source.get(idx, device), kl_weight=kl_weight)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+            sums.add(out)
+        metrics = {**sums.metrics("train"), "kl_weight": kl_weight}
+        if len(val_idx):
+            metrics.update(evaluate(module, source, val_idx, config.batch_size, device, kl_weight).metrics("validation"))
+        for k, v in metrics.items():
+            history.setdefault(k, []).append(v)
+        bar.set_postfix(elbo=f"{metrics[monitor]:.1f}", refresh=False)
+
+        if config.early_stopping:
+            if metrics[monitor] < best - config.early_stopping_min_delta:
+                best, best_epoch, since_best = metrics[monitor], epoch, 0
+                best_state = copy.deepcopy(module.state_dict())
+            else:
+                since_best += 1
+                if since_best >= config.early_stopping_patience:
+                    logg.info(f"    early stopping at epoch {epoch}: no {monitor} improvement since epoch {best_epoch}")
+                    break
+    bar.close()
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    return history, (best_epoch if best_state is not None else None)
+
+
+@torch.inference_mode()
+def evaluate(
+    module: VAE, source: MinibatchSource, idx: np.ndarray, batch_size: int, device: torch.device, kl_weight: float = 1.0
+) -> _Sums:
+    """Loss terms summed over ``idx`` in eval mode (one posterior sample per cell)."""
+    was_training = module.training
+    module.eval()
+    sums = _Sums()
+    for start in range(0, len(idx), batch_size):
+        sums.add(module.loss(source.get(idx[start : start + batch_size], device), kl_weight=kl_weight))
+    module.train(was_training)
+    return sums
+
+
+class _Sums:
+    """Accumulates per-cell loss terms over an epoch."""
+
+    def __init__(self):
+        self.n = 0
+        self.recon = self.kl = self.loss = 0.0
+
+    def add(self, out: dict[str, torch.Tensor]) -> None:
+        n = out["reconstruction_loss"].shape[0]
+        self.n += n
+        self.recon += out["reconstruction_loss"].sum().item()
+        self.kl += (out["kl_z"] + out["kl_l"]).sum().item()
+        self.loss += out["loss"].item() * n
+
+    def metrics(self, split: str) -> dict[str, float]:
+        return {
+            f"elbo_{split}": (self.recon + self.kl) / self.n,
+            f"reconstruction_loss_{split}": self.recon / self.n,
+            f"kl_local_{split}": self.kl / self.n,
+            f"{split}_loss": self.loss / self.n,
+        }
