@@ -30,8 +30,8 @@ Other changes: ``obs`` keeps ``batch``, ``cell_type`` and ``demuxlet_cls``
 (SNG = singlet, DBL = doublet call by demuxlet); ``outliers`` (constant ``'False'``)
 is dropped. ``X`` is stored as CSR int32 (exact integer UMI counts) and written with
 gzip level 9 plus the HDF5 shuffle filter (both built into every HDF5/h5py build).
-``uns['dataset_info']`` records the provenance. The output is deterministic:
-running the script twice gives byte-identical files.
+``uns['dataset_info']`` records the provenance and the source's MIT license text.
+The output is deterministic: running the script twice gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -52,6 +52,31 @@ TARGET = REPO_ROOT / "scanpy_scvi" / "datasets" / "cellbench_lung_5batch.h5ad"
 MIN_CELLS = 5
 N_GENES = 3000
 TARGET_SUM = 1e4
+
+# License of the source repository (github.com/LuyiTian/sc_mixology/LICENSE); the MIT
+# terms require this notice to travel with copies, so it is stored in the file itself.
+SOURCE_LICENSE = """MIT License
+
+Copyright (c) 2018 Luyi Tian
+
+Permission is hereby granted, free of charge, to any person obtaining a copy
+of this software and associated documentation files (the "Software"), to deal
+in the Software without restriction, including without limitation the rights
+to use, copy, modify, merge, publish, distribute, sublicense, and/or sell
+copies of the Software, and to permit persons to whom the Software is
+furnished to do so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all
+copies or substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
+IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
+FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
+AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
+LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
+OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
+SOFTWARE.
+"""
 
 SUBSET_RULE = (
     "All 1408 cells kept. Genes: drop the 62 ERCC spike-ins (28455 Ensembl genes remain); "
@@ -126,6 +151,8 @@ def build() -> ad.AnnData:
         ),
         "source_commit": "19667e111aac52abbfcaa6fff07da2fd05984709",
         "license": "MIT",
+        "copyright": "Copyright (c) 2018 Luyi Tian",
+        "license_text": SOURCE_LICENSE,
         "publication": (
             "Tian L. et al. (2019) Benchmarking single cell RNA-sequencing analysis "
             "pipelines using mixture control experiments. Nat Methods 16:479-487."

@@ -1,0 +1,143 @@
+"""The ``scanpy-scvi`` command: ``fit`` an h5ad file, or run the ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_hvgs(adata, *, n_top_genes: int, layer: str | None, batch_key: str | None) -> str:
+    """Mark highly variable genes from the counts; return the flavor used.
+
+    ``seurat_v3`` works on counts but needs scikit-misc; without it, the ``seurat`` flavor
+    runs on a log-normalised copy. ``adata.X`` is never changed.
+    """
+    import scanpy as sc
+
+    try:
+        sc.pp.highly_variable_genes(
+            adata, flavor="seurat_v3", n_top_genes=n_top_genes, layer=layer, batch_key=batch_key
+        )
+        return "seurat_v3"
+    except ImportError:
+        tmp = sc.AnnData(adata.layers[layer] if layer else adata.X, obs=adata.obs[[]].copy(), var=adata.var[[]].copy())
+        if batch_key:
+            tmp.obs[batch_key] = adata.obs[batch_key].to_numpy()
+        sc.pp.normalize_total(tmp, target_sum=1e4)
+        sc.pp.log1p(tmp)
+        sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=n_top_genes, batch_key=batch_key)
+        adata.var["highly_variable"] = tmp.var["highly_variable"].to_numpy()
+        return "seurat"
+
+
+def _fit(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from .pp import scvi
+
+    adata = ad.read_h5ad(args.input)
+    if "highly_variable" not in adata.var.columns and not args.all_genes:
+        flavor = _add_hvgs(adata, n_top_genes=args.n_top_genes, layer=args.layer, batch_key=args.batch_key)
+        print(f"selected {args.n_top_genes} highly variable genes ({flavor})")
+    model = scvi(
+        adata,
+        batch_key=args.batch_key,
+        labels_key=args.labels_key,
+        layer=args.layer,
+        n_epochs=args.epochs,
+        n_latent=args.n_latent,
+        linear_decoder=args.linear_decoder,
+        use_highly_variable_genes=not args.all_genes,
+        device=args.device,
+        random_state=args.seed,
+        expression=not args.latent_only,
+        progress_bar=not args.quiet,
+    )
+    adata.write_h5ad(args.output, compression="gzip")
+    print(f"wrote {args.output}")
+    if args.model_dir:
+        model.save(args.model_dir, overwrite=args.overwrite)
+        print(f"saved the model to {args.model_dir}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    from .datasets import cellbench_lung
+    from .pp import scvi
+
+    out = Path(args.outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    adata = cellbench_lung()
+    print(f"CellBench lung cell lines: {adata.n_obs} cells x {adata.n_vars} genes, {adata.obs['batch'].nunique()} batches")
+    sc.pp.normalize_total(adata, target_sum=1e4)  # X becomes log-normalised; counts stay in the layer
+    sc.pp.log1p(adata)
+    sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=2000, batch_key="batch")
+    scvi(adata, layer="counts", batch_key="batch", n_epochs=args.epochs, progress_bar=not args.quiet)
+    sc.pp.neighbors(adata, use_rep="X_scvi", random_state=0)
+    sc.tl.umap(adata, random_state=0)
+    sc.pl.umap(adata, color=["batch", "cell_type"], show=False, wspace=0.45)
+    png = out / "demo_umap_scvi.png"
+    plt.savefig(png, dpi=110, bbox_inches="tight")
+    plt.close("all")
+    h5ad = out / "demo_scvi.h5ad"
+    adata.write_h5ad(h5ad, compression="gzip")
+    print(f"wrote {h5ad}")
+    print(f"wrote {png}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scanpy-scvi", description="Fit scVI / LDVAE on AnnData files.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="fit scVI on an h5ad file and write the results into a new h5ad")
+    fit.add_argument("input", help="input .h5ad with raw counts (in X or --layer)")
+    fit.add_argument("-o", "--output", required=True, help="output .h5ad (obsm['X_scvi'], ...)")
+    fit.add_argument("--batch-key", help="obs column of batches")
+    fit.add_argument("--labels-key", help="obs column of labels")
+    fit.add_argument("--layer", help="layer holding raw counts (default: X)")
+    fit.add_argument("--epochs", type=int, default=400, help="training epochs (default 400)")
+    fit.add_argument("--n-latent", type=int, default=10, help="latent dimensions (default 10)")
+    fit.add_argument(
+        "--n-top-genes",
+        type=int,
+        default=2000,
+        help="HVGs to select when var['highly_variable'] is missing (default 2000)",
+    )
+    fit.add_argument("--all-genes", action="store_true", help="train on all genes instead of HVGs")
+    fit.add_argument("--linear-decoder", action="store_true", help="fit LDVAE (writes uns['ldvae_loadings'])")
+    fit.add_argument("--latent-only", action="store_true", help="skip the dense denoised/sample-rate matrices")
+    fit.add_argument("--model-dir", help="also save the trained model to this directory")
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing --model-dir")
+    fit.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    fit.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    fit.set_defaults(func=_fit)
+
+    demo = sub.add_parser("demo", help="run scVI on the bundled CellBench dataset and plot a UMAP")
+    demo.add_argument("--outdir", default="scanpy_scvi_demo", help="output folder (default ./scanpy_scvi_demo)")
+    demo.add_argument("--epochs", type=int, default=100, help="training epochs (default 100)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"scanpy-scvi: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
