@@ -165,7 +165,8 @@ def scvi(
     ``adata.obsm['X_scvi_sample_rate']`` : (cells, genes) float32
         Likelihood mean: library size times frequencies.
     ``adata.uns['ldvae_loadings']`` : :class:`pandas.DataFrame` (genes, n_latent)
-        LDVAE only: loadings with the decoder batch norm folded in.
+        LDVAE only: loadings with the decoder batch norm folded in. With another
+        ``key_added``: ``uns['<key>_loadings']`` (``key_added`` without ``'X_'``).
     ``adata.uns['scvi']`` : dict
         ``params``, ``genes``, per-epoch ``history``, ``versions`` and ``device``.
     """
@@ -238,7 +239,7 @@ def scvi(
         adata.obsm[f"{key_added}_denoised"] = denoised
         adata.obsm[f"{key_added}_sample_rate"] = rate
     if linear_decoder:
-        loadings_key = "ldvae_loadings" if key_added == "X_scvi" else f"{uns_key}_ldvae_loadings"
+        loadings_key = "ldvae_loadings" if key_added == "X_scvi" else f"{uns_key}_loadings"
         adata.uns[loadings_key] = model.get_loadings()
     params = dict(
         n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers, dispersion=dispersion, max_epochs=epochs,
