@@ -30,3 +30,4 @@ intersphinx_mapping = {
 }
 exclude_patterns = ["_build"]
 html_theme = "alabaster"
+autodoc_default_options = {"members": True, "undoc-members": False, "special-members": ""}

@@ -37,6 +37,10 @@ def _fit(args: argparse.Namespace) -> int:
     from .pp import scvi
 
     adata = ad.read_h5ad(args.input)
+    for key in (args.batch_key, args.labels_key):
+        if key is not None and key not in adata.obs.columns:
+            msg = f"{key!r} not found in adata.obs (columns: {list(adata.obs.columns)[:20]})."
+            raise KeyError(msg)
     if "highly_variable" not in adata.var.columns and not args.all_genes:
         flavor = _add_hvgs(adata, n_top_genes=args.n_top_genes, layer=args.layer, batch_key=args.batch_key)
         print(f"selected {args.n_top_genes} highly variable genes ({flavor})")

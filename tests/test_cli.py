@@ -1,0 +1,77 @@
+"""The scanpy-scvi command line: fit, demo, and errors as exit code 2."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from scanpy_scvi.cli import main
+from scanpy_scvi.datasets import synthetic_counts
+
+
+@pytest.fixture
+def counts_h5ad(tmp_path):
+    adata = synthetic_counts(n_obs=150, n_vars=60, n_batches=2, random_state=1)
+    path = tmp_path / "in.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def test_fit_writes_outputs_and_model(counts_h5ad, tmp_path, capsys):
+    out = tmp_path / "out.h5ad"
+    model_dir = tmp_path / "model"
+    rc = main(
+        [
+            "fit", str(counts_h5ad), "-o", str(out), "--batch-key", "batch", "--epochs", "2",
+            "--n-top-genes", "40", "--model-dir", str(model_dir), "--device", "cpu", "--quiet",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    result = ad.read_h5ad(out)
+    assert result.obsm["X_scvi"].shape == (150, 10)
+    assert result.obsm["X_scvi_denoised"].shape == (150, 40)
+    assert int(result.var["highly_variable"].sum()) == 40
+    assert list(result.uns["scvi"]["genes"]) == list(result.var_names[result.var["highly_variable"]])
+    assert (model_dir / "model.safetensors").is_file()
+    assert (model_dir / "config.json").is_file()
+    assert str(out) in capsys.readouterr().out
+
+
+def test_fit_latent_only_and_all_genes(counts_h5ad, tmp_path):
+    out = tmp_path / "out.h5ad"
+    rc = main(["fit", str(counts_h5ad), "-o", str(out), "--epochs", "1", "--all-genes", "--latent-only", "--quiet"])
+    assert rc == 0
+    result = ad.read_h5ad(out)
+    assert "X_scvi_denoised" not in result.obsm
+    assert len(result.uns["scvi"]["genes"]) == 60
+
+
+def test_fit_bad_input_is_exit_code_2(counts_h5ad, tmp_path, capsys):
+    rc = main(["fit", str(counts_h5ad), "-o", str(tmp_path / "x.h5ad"), "--batch-key", "nope", "--epochs", "1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "'nope' not found in adata.obs" in err
+    assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_fit_rejects_log_data(tmp_path, capsys):
+    adata = synthetic_counts(n_obs=100, n_vars=30, random_state=2)
+    adata.X = np.log1p(adata.X.toarray())
+    path = tmp_path / "log.h5ad"
+    adata.write_h5ad(path)
+    rc = main(["fit", str(path), "-o", str(tmp_path / "o.h5ad"), "--all-genes", "--epochs", "1"])
+    assert rc == 2
+    assert "non-integer" in capsys.readouterr().err
+
+
+def test_demo_writes_h5ad_and_png(tmp_path, capsys):
+    rc = main(["demo", "--outdir", str(tmp_path), "--epochs", "1", "--quiet"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    h5ad, png = tmp_path / "demo_scvi.h5ad", tmp_path / "demo_umap_scvi.png"
+    assert str(h5ad) in printed and str(png) in printed
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = ad.read_h5ad(h5ad)
+    assert result.obsm["X_scvi"].shape == (1408, 10)
+    assert "X_umap" in result.obsm
