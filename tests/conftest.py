@@ -23,7 +23,6 @@ from scanpy_scvi.datasets import synthetic_counts
 
 N_OBS, N_VARS, N_LATENT, N_HIDDEN = 300, 80, 5, 32
 SMALL_MODEL = dict(n_hidden=N_HIDDEN, n_latent=N_LATENT)
-SMALL_TRAIN = dict(max_epochs=8, progress_bar=False)
 
 
 def make_adata(n_obs: int = N_OBS, n_vars: int = N_VARS, n_batches: int = 2, random_state: int = 0):

@@ -436,7 +436,7 @@ class SCVI:
         transform_batch
             ``None``: decode each cell in its own batch (not batch-corrected). A category (or
             integer code): decode every cell as if from that batch. A list: average the
-            frequencies over those batches.
+            frequencies over those batches, each decoding the same draw of z.
         gene_list
             Model genes to return (in model order); default all.
         library_size
@@ -481,8 +481,8 @@ class SCVI:
         with self._inference():
             for rows, t in self._minibatches(adata, idx, batch_size):
                 acc = None
+                inf = self.module.inference(t, n_samples=n_samples)  # one z draw, decoded in each batch
                 for code in codes:
-                    inf = self.module.inference(t, n_samples=n_samples)
                     gen = self.module.generative(inf["z"], inf["library"], t, transform_batch=code)
                     value = gen["px_rate"] if library_size == "latent" else gen["px_scale"] * library_size
                     value = value[..., torch.as_tensor(mask, device=self.device)]

@@ -229,7 +229,8 @@ def scvi(
         model.adata = adata
     from ..model._scvi import _seeded
 
-    latent = model.get_latent_representation()
+    with _seeded(random_state, model.device):  # the encoder draws z (and ln averages draws)
+        latent = model.get_latent_representation()
     if expression:
         with _seeded(random_state, model.device):
             denoised, rate = model._denoised_and_rate()

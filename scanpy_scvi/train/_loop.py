@@ -46,7 +46,8 @@ def minibatches(indices: np.ndarray, batch_size: int, min_size: int = 3) -> list
     """
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     if len(batches) > 1 and len(batches[-1]) < min_size:
-        batches[-2] = np.concatenate([batches[-2], batches.pop()])
+        tail = batches.pop()
+        batches[-1] = np.concatenate([batches[-1], tail])
     return batches
 
 

@@ -1,0 +1,70 @@
+"""CUDA training and inference (skipped without a GPU). Run with ``pytest -m gpu``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_adata
+
+import scanpy_scvi as ss
+from scanpy_scvi import SCVI
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(scope="module")
+def gpu_adata():
+    return make_adata(n_obs=300, n_vars=60, random_state=7)
+
+
+def test_train_and_infer_on_cuda(gpu_adata):
+    model = SCVI(gpu_adata, batch_key="batch", n_hidden=32, n_latent=4)
+    state = torch.cuda.get_rng_state()
+    model.train(max_epochs=5, device="cuda", train_size=0.8, progress_bar=False)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    assert model.device.type == "cuda"
+    assert all(p.device.type == "cuda" for p in model.module.parameters())
+    assert np.all(np.isfinite(model.history_["elbo_train"]))
+
+    n, g = gpu_adata.shape
+    z = model.get_latent_representation()
+    assert isinstance(z, np.ndarray) and z.shape == (n, 4) and z.dtype == np.float32
+    den = model.get_normalized_expression(return_numpy=True)
+    assert den.shape == (n, g)
+    np.testing.assert_allclose(den.sum(1), 1.0, rtol=1e-4)
+    params = model.get_likelihood_parameters()
+    assert set(params) == {"mean", "dispersions", "dropout"} and params["mean"].shape == (n, g)
+    x = model.posterior_predictive_sample()
+    assert x.shape == (n, g) and np.array_equal(x.data, np.round(x.data))
+    assert model.get_elbo() < 0
+    assert np.isfinite(model.get_marginal_ll(indices=np.arange(20), n_mc_samples=10))
+
+
+def test_cuda_matches_cpu_after_move(gpu_adata, tmp_path):
+    model = SCVI(gpu_adata, n_hidden=16, n_latent=3)
+    model.train(max_epochs=3, device="cuda", progress_bar=False)
+    z_gpu = model.get_latent_representation()
+    model.save(tmp_path / "m")
+    cpu = SCVI.load(tmp_path / "m", adata=gpu_adata, device="cpu")
+    assert cpu.device.type == "cpu"
+    np.testing.assert_allclose(cpu.get_latent_representation(), z_gpu, rtol=1e-4, atol=1e-5)
+    back = SCVI.load(tmp_path / "m", adata=gpu_adata, device="cuda")
+    assert back.device.type == "cuda"
+    np.testing.assert_allclose(back.get_latent_representation(), z_gpu, rtol=1e-5, atol=1e-6)
+
+
+def test_pp_scvi_on_cuda(gpu_adata):
+    adata = gpu_adata.copy()
+    model = ss.pp.scvi(
+        adata, n_hidden=16, n_latent=3, max_epochs=3, device="cuda", use_highly_variable_genes=False,
+        progress_bar=False,
+    )  # fmt: skip
+    assert model.device.type == "cuda"
+    assert adata.uns["scvi"]["device"].startswith("cuda")
+    assert adata.obsm["X_scvi"].shape == (adata.n_obs, 3)
+    assert adata.obsm["X_scvi_denoised"].shape == adata.shape
+    np.testing.assert_allclose(adata.obsm["X_scvi_sample_rate"].sum(1), np.asarray(adata.X.sum(1)).ravel(), rtol=1e-4)
