@@ -325,20 +325,19 @@ class SCVI:
             yield
         self.module.train(was_training)
 
-    def _minibatches(self, adata, indices, batch_size) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
-        """Yield (output rows, tensors) over the requested cells, in order."""
+    def _select(self, adata, indices) -> tuple[BoundData, np.ndarray]:
+        """Bind (and check) ``adata`` once and resolve ``indices`` to positions."""
         bound = self._require_data(adata)
-        idx = self._indices(bound, indices)
+        return bound, self._indices(bound, indices)
+
+    def _minibatches(
+        self, bound: BoundData, idx: np.ndarray, batch_size: int | None
+    ) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
+        """Yield (output rows, tensors) over the cells ``idx``, in order."""
         batch_size = batch_size or DEFAULT_INFERENCE_BATCH
         for start in range(0, len(idx), batch_size):
             chunk = idx[start : start + batch_size]
             yield slice(start, start + len(chunk)), bound.source.get(chunk, self.device)
-
-    def _n_cells(self, adata, indices) -> tuple[int, pd.Index]:
-        bound = self._require_data(adata)
-        idx = self._indices(bound, indices)
-        names = (adata if adata is not None else self.adata).obs_names[idx]
-        return len(idx), names
 
     def _gene_mask(self, gene_list) -> np.ndarray:
         genes = np.asarray(self.setup.genes)
@@ -375,13 +374,14 @@ class SCVI:
         For ``latent_distribution='ln'`` the mean is a Monte Carlo average of
         softmax(z) over ``mc_samples`` draws, as in scvi-tools.
         """
-        n, _ = self._n_cells(adata, indices)
+        bound, idx = self._select(adata, indices)
+        n = len(idx)
         k = self.module.n_latent
         out = np.empty((n, k), dtype=np.float32)
         var = np.empty((n, k), dtype=np.float32) if return_dist else None
         ln = self.module.latent_distribution == "ln"
         with self._inference():
-            for rows, t in self._minibatches(adata, indices, batch_size):
+            for rows, t in self._minibatches(bound, idx, batch_size):
                 inf = self.module.inference(t)
                 if return_dist:
                     out[rows], var[rows] = _np(inf["qz_m"]), _np(inf["qz_v"])
@@ -402,10 +402,11 @@ class SCVI:
         Observed library: the total counts. Learned library: the posterior mean
         exp(mu + var / 2) with ``give_mean``, else one sample of exp(l).
         """
-        n, _ = self._n_cells(adata, indices)
+        bound, idx = self._select(adata, indices)
+        n = len(idx)
         out = np.empty((n, 1), dtype=np.float32)
         with self._inference():
-            for rows, t in self._minibatches(adata, indices, batch_size):
+            for rows, t in self._minibatches(bound, idx, batch_size):
                 inf = self.module.inference(t)
                 if give_mean and not self.module.use_observed_lib_size:
                     out[rows] = _np(torch.exp(inf["ql_m"] + 0.5 * inf["ql_v"]))
@@ -455,8 +456,7 @@ class SCVI:
             or comes from ``n_samples_overall``.
         """
         _check_positive_int(n_samples=n_samples)
-        bound = self._require_data(adata)
-        idx = self._indices(bound, indices)
+        bound, idx = self._select(adata, indices)
         codes = self._transform_codes(transform_batch)
         mask = self._gene_mask(gene_list)
         if library_size != "latent" and not (isinstance(library_size, (int, float)) and library_size > 0):
@@ -479,7 +479,7 @@ class SCVI:
         G = int(mask.sum())
         out = np.zeros((n_samples, len(idx), G) if three_d else (len(idx), G), dtype=np.float32)
         with self._inference():
-            for rows, t in self._minibatches(adata, idx, batch_size):
+            for rows, t in self._minibatches(bound, idx, batch_size):
                 acc = None
                 inf = self.module.inference(t, n_samples=n_samples)  # one z draw, decoded in each batch
                 for code in codes:
@@ -505,11 +505,12 @@ class SCVI:
         The same draw as ``get_normalized_expression(library_size=1)`` and
         ``(..., library_size='latent')`` would make separately, computed in one pass.
         """
-        n, _ = self._n_cells(None, None)
+        bound, idx = self._select(None, None)
+        n = len(idx)
         G = len(self.setup.genes)
         scale, rate = np.empty((n, G), dtype=np.float32), np.empty((n, G), dtype=np.float32)
         with self._inference():
-            for rows, t in self._minibatches(None, None, batch_size):
+            for rows, t in self._minibatches(bound, idx, batch_size):
                 _, gen = self.module(t)
                 scale[rows], rate[rows] = _np(gen["px_scale"]), _np(gen["px_rate"])
         return scale, rate
@@ -530,7 +531,8 @@ class SCVI:
         (samples, cells, genes).
         """
         _check_positive_int(n_samples=n_samples)
-        n, _ = self._n_cells(adata, indices)
+        bound, idx = self._select(adata, indices)
+        n = len(idx)
         G = len(self.setup.genes)
         keys = ["mean"]
         if self.module.gene_likelihood != "poisson":
@@ -541,7 +543,7 @@ class SCVI:
         shape = (n_samples, n, G) if stacked else (n, G)
         out = {k: np.empty(shape, dtype=np.float32) for k in keys}
         with self._inference():
-            for rows, t in self._minibatches(adata, indices, batch_size):
+            for rows, t in self._minibatches(bound, idx, batch_size):
                 inf, gen = self.module(t, n_samples=n_samples)
                 values = {"mean": gen["px_rate"], "dispersions": gen["theta"], "dropout": torch.sigmoid(gen["zi_logits"])}
                 for k in keys:
@@ -568,23 +570,22 @@ class SCVI:
         (cells, genes, samples) for several (as scvi-tools' shape). Uses torch's global RNG.
         """
         _check_positive_int(n_samples=n_samples)
-        mask = torch.as_tensor(self._gene_mask(gene_list))
+        bound, idx = self._select(adata, indices)
+        mask = torch.as_tensor(self._gene_mask(gene_list), device=self.device)
         blocks = []
         with self._inference():
-            for _, t in self._minibatches(adata, indices, batch_size):
-                inf, gen = self.module(t, n_samples=n_samples)
-                counts = sample_counts(
-                    gen["px_rate"], gen["theta"], gen["zi_logits"], self.module.gene_likelihood
-                )[..., mask.to(self.device)]
-                blocks.append(_np(counts))
+            for _, t in self._minibatches(bound, idx, batch_size):
+                _, gen = self.module(t, n_samples=n_samples)
+                counts = _np(sample_counts(gen["px_rate"], gen["theta"], gen["zi_logits"], self.module.gene_likelihood)[..., mask])
+                # one sample: keep only the sparse block, so memory follows the nonzeros
+                blocks.append(sp.csr_matrix(counts) if n_samples == 1 else np.moveaxis(counts, 0, -1))
         if n_samples == 1:
-            return sp.csr_matrix(np.concatenate(blocks, axis=0)) if blocks else sp.csr_matrix((0, int(mask.sum())))
-        return np.concatenate([np.moveaxis(b, 0, -1) for b in blocks], axis=0)
+            return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, int(mask.sum())), dtype=np.float32)
+        return np.concatenate(blocks, axis=0)
 
     # -- model fit -------------------------------------------------------------------------------
     def _loss_sums(self, adata, indices, batch_size):
-        bound = self._require_data(adata)
-        idx = self._indices(bound, indices)
+        bound, idx = self._select(adata, indices)
         with self._inference():
             return evaluate(self.module, bound.source, idx, batch_size or DEFAULT_INFERENCE_BATCH, self.device)
 
@@ -613,10 +614,11 @@ class SCVI:
     ) -> float | np.ndarray:
         """Importance-sampled log p(x) (higher is better): the mean over cells, or per cell."""
         _check_positive_int(n_mc_samples=n_mc_samples)
-        n, _ = self._n_cells(adata, indices)
+        bound, idx = self._select(adata, indices)
+        n = len(idx)
         out = np.empty(n, dtype=np.float64)
         with self._inference():
-            for rows, t in self._minibatches(adata, indices, batch_size or 128):
+            for rows, t in self._minibatches(bound, idx, batch_size or 128):
                 out[rows] = _np(self.module.marginal_ll(t, n_mc_samples))
         return float(out.mean()) if return_mean else out
 
