@@ -44,15 +44,17 @@ ARCH = {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "gene_likelihood": "zinb
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="h5ad with raw counts (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=50, help="training epochs for both systems (default: 50)")
     p.add_argument("--n-top-genes", type=int, default=2000, help="HVGs (seurat_v3, per batch) (default: 2000)")
     p.add_argument("--batch-size", type=int, default=128, help="training minibatch size (default: 128)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads for both (default: 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and training (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of split, initialisation and training (default: 0)")
     p.add_argument("--heldout", type=float, default=0.1, help="fraction of cells held out (default: 0.1)")
-    p.add_argument("--elbo-evals", type=int, default=5, help="seeded repeats of each held-out ELBO evaluation (default: 5)")
+    p.add_argument("--elbo-evals", type=int, default=5, help="seeded repeats of each held-out evaluation (default: 5)")
     p.add_argument(
         "--marginal-ll-samples",
         type=int,
@@ -95,6 +97,23 @@ def pkg_version(name: str) -> str:
         return "not installed"
 
 
+def git_state() -> dict:
+    """Commit and dirty flag of the repository holding this script (None outside git)."""
+    import subprocess
+
+    def git(*cmd):
+        try:
+            return subprocess.run(
+                ["git", "-C", str(REPO_ROOT), *cmd], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--", "scanpy_scvi")
+    return {"commit": commit, "scanpy_scvi_dirty": None if status is None else bool(status)}
+
+
 def machine_info(threads: int) -> dict:
     import torch
 
@@ -111,6 +130,7 @@ def machine_info(threads: int) -> dict:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "git": git_state(),
         "versions": {
             name: pkg_version(name)
             for name in (
@@ -190,6 +210,16 @@ def repeated(fn, n: int, seed: int) -> tuple[float, float, list[float]]:
     return float(arr.mean()), float(arr.std(ddof=1)) if n > 1 else 0.0, values
 
 
+def timed_latent(fn, repeats: int = 3) -> tuple[float, np.ndarray]:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls (posterior means: deterministic) and its result."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        latent = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), np.asarray(latent)
+
+
 # -- the two systems -----------------------------------------------------------------------------------
 def run_scvi_tools(args, adata, genes, train_idx, held_idx) -> dict:
     import scvi
@@ -204,7 +234,7 @@ def run_scvi_tools(args, adata, genes, train_idx, held_idx) -> dict:
     scvi.model.SCVI.setup_anndata(train, batch_key=BATCH_KEY)
     model = scvi.model.SCVI(train, **ARCH)
     threads_before = torch.get_num_threads()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model.train(
         max_epochs=args.epochs,
         train_size=1.0,
@@ -214,12 +244,13 @@ def run_scvi_tools(args, adata, genes, train_idx, held_idx) -> dict:
         enable_progress_bar=False,
         early_stopping=False,
     )
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     threads_after = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     hist = model.history
     res = {
         "train_seconds": train_s,
+        "train_cpu_seconds": train_cpu,
         "threads_during_train": [threads_before, threads_after],
         "epochs_run": len(hist["elbo_train"]),
         "train_elbo_last_epoch": -float(hist["elbo_train"].iloc[-1, 0]),
@@ -228,14 +259,8 @@ def run_scvi_tools(args, adata, genes, train_idx, held_idx) -> dict:
     }
     # Held-out cells, evaluated through the full HVG AnnData (setup transferred by scvi-tools).
     held = full[held_idx].copy()
-    res.update(evaluate(args, model, held, lambda: model.get_elbo(adata=held, batch_size=args.batch_size),
-                        lambda: model.get_reconstruction_error(adata=held, batch_size=args.batch_size)["reconstruction_loss"],
-                        lambda n: model.get_marginal_ll(adata=held, n_mc_samples=n, batch_size=args.batch_size)))
-    torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
-    latent = model.get_latent_representation(adata=full)
-    res["latent_seconds"] = time.perf_counter() - t0
-    res["latent"] = latent
+    res.update(evaluate(args, model, held))
+    res["latent_seconds"], res["latent"] = timed_latent(lambda: model.get_latent_representation(adata=full))
     return res
 
 
@@ -248,7 +273,7 @@ def run_ours(args, adata, genes, train_idx, held_idx) -> dict:
     train = adata[train_idx].copy()
     model = scanpy_scvi.SCVI(train, genes=genes, batch_key=BATCH_KEY, random_state=args.seed, **ARCH)
     threads_before = torch.get_num_threads()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model.train(
         max_epochs=args.epochs,
         train_size=1.0,
@@ -257,12 +282,13 @@ def run_ours(args, adata, genes, train_idx, held_idx) -> dict:
         random_state=args.seed,
         progress_bar=False,
     )
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     threads_after = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     hist = model.history_
     res = {
         "train_seconds": train_s,
+        "train_cpu_seconds": train_cpu,
         "threads_during_train": [threads_before, threads_after],
         "epochs_run": len(hist["elbo_train"]),
         "train_elbo_last_epoch": -float(hist["elbo_train"][-1]),
@@ -270,18 +296,24 @@ def run_ours(args, adata, genes, train_idx, held_idx) -> dict:
         "train_kl_last_epoch": float(hist["kl_local_train"][-1]),
     }
     held = adata[held_idx].copy()
-    res.update(evaluate(args, model, held, lambda: model.get_elbo(adata=held, batch_size=args.batch_size),
-                        lambda: model.get_reconstruction_error(adata=held, batch_size=args.batch_size)["reconstruction_loss"],
-                        lambda n: model.get_marginal_ll(adata=held, n_mc_samples=n, batch_size=args.batch_size)))
-    torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
-    latent = model.get_latent_representation(adata=adata)
-    res["latent_seconds"] = time.perf_counter() - t0
-    res["latent"] = latent
+    res.update(evaluate(args, model, held))
+    res["latent_seconds"], res["latent"] = timed_latent(lambda: model.get_latent_representation(adata=adata))
     return res
 
 
-def evaluate(args, model, held, elbo_fn, recon_fn, mll_fn) -> dict:
+def evaluate(args, model, held) -> dict:
+    """Held-out figures from the model's own methods (same names and arguments in both packages)."""
+    bs = args.batch_size
+
+    def elbo_fn():
+        return model.get_elbo(adata=held, batch_size=bs)
+
+    def recon_fn():
+        return model.get_reconstruction_error(adata=held, batch_size=bs)["reconstruction_loss"]
+
+    def mll_fn(n):
+        return model.get_marginal_ll(adata=held, n_mc_samples=n, batch_size=bs)
+
     t0 = time.perf_counter()
     elbo_mean, elbo_std, elbo_values = repeated(elbo_fn, args.elbo_evals, args.seed)
     out = {
@@ -316,9 +348,10 @@ ROWS = [
     ("train KL, last epoch", "train_kl_last_epoch", "{:.3f}"),
     ("epochs run", "epochs_run", "{:d}"),
     ("training wall seconds", "train_seconds", "{:.1f}"),
+    ("training CPU seconds (this process)", "train_cpu_seconds", "{:.1f}"),
     ("training cells/s (cells x epochs / s)", "cells_per_second", "{:.0f}"),
     ("get_elbo seconds (held-out, 1 eval)", "elbo_eval_seconds", "{:.2f}"),
-    ("get_latent_representation seconds (all cells)", "latent_seconds", "{:.2f}"),
+    ("get_latent_representation s (all cells, median of 3)", "latent_seconds", "{:.2f}"),
     ("silhouette cell_type (higher better)", "silhouette_cell_type", "{:.3f}"),
     ("kNN cell_type purity (higher better)", "knn_cell_type_purity", "{:.3f}"),
     ("silhouette batch (near 0 = mixed)", "silhouette_batch", "{:.3f}"),
@@ -335,23 +368,24 @@ def fmt(value, spec: str) -> str:
         return str(value)
 
 
+def rel_pct(ours: float, theirs: float) -> float:
+    """Relative difference in percent of |theirs| (positive: ours larger)."""
+    return 100 * (ours - theirs) / abs(theirs)
+
+
 def compare(ours: dict, theirs: dict) -> dict:
     out = {}
     if ours and theirs:
-        out["heldout_elbo_rel_diff_pct"] = 100 * (ours["heldout_elbo"] - theirs["heldout_elbo"]) / abs(theirs["heldout_elbo"])
+        out["heldout_elbo_rel_diff_pct"] = rel_pct(ours["heldout_elbo"], theirs["heldout_elbo"])
         # Uncertainty of the difference from the evaluation noise alone (not from training randomness).
-        se = np.sqrt(
-            (ours["heldout_elbo_std"] ** 2 + theirs["heldout_elbo_std"] ** 2) / max(1, len(ours["heldout_elbo_values"]))
-        )
+        n_evals = max(1, len(ours["heldout_elbo_values"]))
+        se = np.sqrt((ours["heldout_elbo_std"] ** 2 + theirs["heldout_elbo_std"] ** 2) / n_evals)
         out["heldout_elbo_diff_eval_se_pct"] = float(100 * se / abs(theirs["heldout_elbo"]))
         out["heldout_elbo_within_1pct"] = bool(abs(out["heldout_elbo_rel_diff_pct"]) <= 1.0)
-        out["train_elbo_rel_diff_pct"] = 100 * (ours["train_elbo_last_epoch"] - theirs["train_elbo_last_epoch"]) / abs(
-            theirs["train_elbo_last_epoch"]
-        )
+        out["train_elbo_rel_diff_pct"] = rel_pct(ours["train_elbo_last_epoch"], theirs["train_elbo_last_epoch"])
         if "heldout_marginal_ll" in ours and "heldout_marginal_ll" in theirs:
-            out["heldout_marginal_ll_rel_diff_pct"] = 100 * (ours["heldout_marginal_ll"] - theirs["heldout_marginal_ll"]) / abs(
-                theirs["heldout_marginal_ll"]
-            )
+            mll = rel_pct(ours["heldout_marginal_ll"], theirs["heldout_marginal_ll"])
+            out["heldout_marginal_ll_rel_diff_pct"] = mll
         out["train_time_ratio_ours_over_theirs"] = ours["train_seconds"] / theirs["train_seconds"]
         out["throughput_ratio_ours_over_theirs"] = ours["cells_per_second"] / theirs["cells_per_second"]
         out["latent_time_ratio_ours_over_theirs"] = ours["latent_seconds"] / theirs["latent_seconds"]
@@ -364,26 +398,32 @@ def print_report(info: dict, setup: dict, results: dict, ratios: dict) -> None:
     print("scanpy-scvi vs scvi-tools: scVI on the same data")
     print("=" * 96)
     print(f"machine      : {info['cpu_model']}; {info['logical_cpus']} logical CPUs ({info['usable_cpus']} usable)")
-    print(f"torch threads: {info['torch_threads']} (requested {info['torch_threads_requested']}), interop {info['torch_interop_threads']}")
+    print(
+        f"torch threads: {info['torch_threads']} (requested {info['torch_threads_requested']}), "
+        f"interop {info['torch_interop_threads']}"
+    )
     print(f"load average : start {setup['loadavg_start']}, end {setup['loadavg_end']}")
     print(f"platform     : {info['platform']}, Python {info['python']}")
+    g = info["git"]
+    print(f"repository   : commit {g['commit']}, scanpy_scvi/ modified: {g['scanpy_scvi_dirty']}")
     print("versions     : " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     print(f"dataset      : {setup['dataset']} ({setup['n_cells']} cells x {setup['n_genes_total']} genes)")
     print(
         f"setup        : {setup['n_hvg']} HVGs (seurat_v3, batch_key='batch'), {setup['n_batches']} batches, "
         f"{setup['n_train']} train / {setup['n_heldout']} held-out cells, {setup['epochs']} epochs, "
-        f"batch size {setup['batch_size']}, seed {setup['seed']}, ZINB, gene dispersion, n_hidden 128, n_latent 10, n_layers 1"
+        f"batch size {setup['batch_size']}, seed {setup['seed']}, "
+        "ZINB, gene dispersion, n_hidden 128, n_latent 10, n_layers 1"
     )
     print()
     names = [k for k in ("ours", "scvi-tools") if k in results]
-    header = f"{'metric':<48}" + "".join(f"{n:>16}" for n in ["scanpy-scvi" if n == "ours" else n for n in names])
+    header = f"{'metric':<54}" + "".join(f"{n:>16}" for n in ["scanpy-scvi" if n == "ours" else n for n in names])
     print(header)
     print("-" * len(header))
     for label, key, spec in ROWS:
         vals = [results[n].get(key) for n in names]
         if all(v is None for v in vals):
             continue
-        print(f"{label:<48}" + "".join(f"{fmt(v, spec):>16}" for v in vals))
+        print(f"{label:<54}" + "".join(f"{fmt(v, spec):>16}" for v in vals))
     if ratios:
         print()
         print(

@@ -244,12 +244,17 @@ class VAE(nn.Module):
         return self.library_log_means[0, batch].unsqueeze(-1), self.library_log_vars[0, batch].unsqueeze(-1)
 
     @torch.no_grad()
-    def marginal_ll(self, tensors: dict[str, torch.Tensor], n_mc_samples: int, per_pass: int = 100) -> torch.Tensor:
+    def marginal_ll(
+        self, tensors: dict[str, torch.Tensor], n_mc_samples: int, max_elements: int = 2**22
+    ) -> torch.Tensor:
         """Importance-sampled log p(x) per cell, with q(z, l | x) as the proposal.
 
         Densities are evaluated at the untransformed z, which is the correct importance weight
-        for both latent distributions (the reference uses the softmaxed z for ``ln``).
+        for both latent distributions (the reference uses the softmaxed z for ``ln``). Samples
+        are drawn in passes of at most ``max_elements`` decoded entries, which keeps the
+        temporaries cache-sized on CPU.
         """
+        per_pass = max(1, max_elements // tensors["X"].numel())
         chunks = []
         remaining = n_mc_samples
         while remaining > 0:
