@@ -321,9 +321,11 @@ class SCVI:
     def _inference(self):
         was_training = self.module.training
         self.module.eval()
-        with torch.inference_mode():
-            yield
-        self.module.train(was_training)
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            self.module.train(was_training)
 
     def _select(self, adata, indices) -> tuple[BoundData, np.ndarray]:
         """Bind (and check) ``adata`` once and resolve ``indices`` to positions."""
@@ -386,10 +388,7 @@ class SCVI:
                 if return_dist:
                     out[rows], var[rows] = _np(inf["qz_m"]), _np(inf["qz_v"])
                 elif give_mean and ln:
-                    draws = inf["qz_m"] + inf["qz_v"].sqrt() * torch.randn(
-                        (mc_samples, *inf["qz_m"].shape), device=self.device
-                    )
-                    out[rows] = _np(torch.softmax(draws, dim=-1).mean(0))
+                    out[rows] = _np(_mc_softmax_mean(inf["qz_m"], inf["qz_v"], mc_samples))
                 else:
                     out[rows] = _np(inf["qz_m"] if give_mean else inf["z"])
         return (out, var) if return_dist else out
@@ -712,6 +711,17 @@ def _seeded(seed: int | None, device: torch.device):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def _mc_softmax_mean(mean: torch.Tensor, var: torch.Tensor, n_draws: int, max_elements: int = 2**22) -> torch.Tensor:
+    """Monte Carlo E[softmax(z)] for z ~ N(mean, var), in passes of bounded size."""
+    per_pass = max(1, max_elements // mean.numel())
+    total = torch.zeros_like(mean)
+    for start in range(0, n_draws, per_pass):
+        s = min(per_pass, n_draws - start)
+        draws = mean + var.sqrt() * torch.randn((s, *mean.shape), dtype=mean.dtype, device=mean.device)
+        total += torch.softmax(draws, dim=-1).sum(0)
+    return total / n_draws
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
