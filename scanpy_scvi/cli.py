@@ -21,7 +21,8 @@ def _add_hvgs(adata, *, n_top_genes: int, layer: str | None, batch_key: str | No
         )
         return "seurat_v3"
     except ImportError:
-        tmp = sc.AnnData(adata.layers[layer] if layer else adata.X, obs=adata.obs[[]].copy(), var=adata.var[[]].copy())
+        counts = (adata.layers[layer] if layer else adata.X).copy()  # normalised below; the user's stays as is
+        tmp = sc.AnnData(counts, obs=adata.obs[[]].copy(), var=adata.var[[]].copy())
         if batch_key:
             tmp.obs[batch_key] = adata.obs[batch_key].to_numpy()
         sc.pp.normalize_total(tmp, target_sum=1e4)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    except (ValueError, KeyError, TypeError, OSError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"scanpy-scvi: error: {message}", file=sys.stderr)
         return 2

@@ -75,3 +75,31 @@ def test_demo_writes_h5ad_and_png(tmp_path, capsys):
     result = ad.read_h5ad(h5ad)
     assert result.obsm["X_scvi"].shape == (1408, 10)
     assert "X_umap" in result.obsm
+
+
+def test_hvg_fallback_without_scikit_misc_keeps_counts(monkeypatch):
+    """Without scikit-misc, HVGs come from a log-normalised *copy*; X keeps the raw counts."""
+    import scanpy as sc
+
+    from scanpy_scvi.cli import _add_hvgs
+
+    real = sc.pp.highly_variable_genes
+
+    def no_skmisc(adata, **kwargs):
+        if kwargs.get("flavor") == "seurat_v3":
+            raise ImportError("Please install skmisc")
+        return real(adata, **kwargs)
+
+    monkeypatch.setattr(sc.pp, "highly_variable_genes", no_skmisc)
+    adata = synthetic_counts(n_obs=120, n_vars=50, random_state=3)
+    before = adata.X.copy()
+    assert _add_hvgs(adata, n_top_genes=20, layer=None, batch_key="batch") == "seurat"
+    assert int(adata.var["highly_variable"].sum()) == 20
+    assert (adata.X != before).nnz == 0
+
+
+def test_unreadable_input_is_exit_code_2(tmp_path, capsys):
+    bad = tmp_path / "not.h5ad"
+    bad.write_bytes(b"not an hdf5 file")
+    assert main(["fit", str(bad), "-o", str(tmp_path / "o.h5ad")]) == 2
+    assert "scanpy-scvi: error:" in capsys.readouterr().err

@@ -65,11 +65,11 @@ class DataSetup:
             genes=[str(g) for g in genes],
             layer=layer,
             batch_key=batch_key,
-            batch_categories=_categories(adata, batch_key),
+            batch_categories=_categories(adata, batch_key, "batch_key"),
             labels_key=labels_key,
-            label_categories=_categories(adata, labels_key),
+            label_categories=_categories(adata, labels_key, "labels_key"),
             categorical_covariate_keys=cat_keys,
-            categorical_covariate_categories=[_categories(adata, k) for k in cat_keys],
+            categorical_covariate_categories=[_categories(adata, k, "categorical_covariate_keys") for k in cat_keys],
             continuous_covariate_keys=list(continuous_covariate_keys or []),
             size_factor_key=size_factor_key,
             check_counts=check_counts,
@@ -166,15 +166,7 @@ class DataSetup:
     def _codes(self, adata: AnnData, key: str | None, categories: list[str], arg: str) -> np.ndarray:
         if key is None:
             return np.zeros(adata.n_obs, dtype=np.int64)
-        _check_obs_key(adata, key, arg)
-        values = adata.obs[key]
-        if values.isna().any():
-            msg = (
-                f"obs[{key!r}] ({arg}) has {int(values.isna().sum())} missing values (NaN). "
-                "Fill them with a category (e.g. 'unknown') or drop those cells."
-            )
-            raise ValueError(msg)
-        as_str = values.astype(str).to_numpy()
+        as_str = _categorical_obs(adata, key, arg).astype(str).to_numpy()
         codes = pd.Index(categories).get_indexer(as_str)
         if np.any(codes < 0):
             unknown = sorted(set(as_str[codes < 0]))
@@ -215,16 +207,23 @@ def _check_obs_key(adata: AnnData, key: str, arg: str = "key") -> None:
         raise KeyError(msg)
 
 
-def _categories(adata: AnnData, key: str | None) -> list[str]:
-    if key is None:
-        return ["0"]
+def _categorical_obs(adata: AnnData, key: str, arg: str = "key") -> pd.Series:
+    """``adata.obs[key]``, checked to exist and to have no missing values."""
+    _check_obs_key(adata, key, arg)
     values = adata.obs[key]
     if values.isna().any():
         msg = (
-            f"obs[{key!r}] has {int(values.isna().sum())} missing values (NaN). "
+            f"obs[{key!r}] ({arg}) has {int(values.isna().sum())} missing values (NaN). "
             "Fill them with a category (e.g. 'unknown') or drop those cells."
         )
         raise ValueError(msg)
+    return values
+
+
+def _categories(adata: AnnData, key: str | None, arg: str) -> list[str]:
+    if key is None:
+        return ["0"]
+    values = _categorical_obs(adata, key, arg)
     if isinstance(values.dtype, pd.CategoricalDtype):
         cats = [str(c) for c in values.cat.categories]
     else:
