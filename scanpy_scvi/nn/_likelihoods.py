@@ -72,3 +72,53 @@ def sample_counts(
         inflated = torch.rand_like(mu) < torch.sigmoid(zi_logits)
         counts = counts.masked_fill(inflated, 0.0)
     return counts
+
+
+def summed_log_likelihood(
+    mu: torch.Tensor,
+    theta: torch.Tensor | None,
+    zi_logits: torch.Tensor | None,
+    likelihood: str,
+    nz_rows: torch.Tensor,
+    nz_cols: torch.Tensor,
+    nz_values: torch.Tensor,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """log p(x | mu, theta, logits) summed over genes, per cell, from the nonzero counts.
+
+    Equal to summing :func:`log_nb` / :func:`log_zinb` / :func:`log_poisson` over genes (the
+    full normalised likelihood), but cheaper on sparse counts: at x = 0 the terms
+    ``lgamma(x + theta) - lgamma(theta)`` cancel and ``lgamma(x + 1)`` vanishes, so every
+    lgamma (and its digamma gradient) is evaluated only at the ``nnz`` nonzero entries,
+    given as COO triplets (row, column, value > 0) of the (cells, genes) count matrix.
+    Only terms that do not vanish at zero counts are evaluated densely.
+    """
+    n = mu.shape[0]
+
+    def per_cell(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, nz_rows, values)
+
+    def at_nz(t: torch.Tensor) -> torch.Tensor:
+        return t[nz_cols] if t.dim() == 1 else t[nz_rows, nz_cols]
+
+    log_x_factorial = per_cell(torch.lgamma(nz_values + 1))  # parameter-free
+    if likelihood == "poisson":
+        return per_cell(nz_values * torch.log(at_nz(mu))) - mu.sum(-1) - log_x_factorial
+
+    log_theta_mu = torch.log(theta + mu + eps)
+    nb_zero = theta * (torch.log(theta + eps) - log_theta_mu)  # log NB(0), needed at every entry
+    theta_nz = at_nz(theta)
+    nonzero_terms = (
+        nz_values * (torch.log(at_nz(mu) + eps) - at_nz(log_theta_mu))
+        + torch.lgamma(nz_values + theta_nz)
+        - torch.lgamma(theta_nz)
+    )
+    if likelihood == "nb":
+        return nb_zero.sum(-1) + per_cell(nonzero_terms) - log_x_factorial
+
+    # ZINB. Every entry: -softplus(-logits); zeros add softplus(nb_zero - logits); nonzeros add
+    # nb_zero - logits + nonzero_terms. The zero sum is taken densely and corrected at nonzeros.
+    mix_zero = F.softplus(nb_zero - zi_logits)
+    dense = (mix_zero - F.softplus(-zi_logits)).sum(-1)
+    at_nonzeros = at_nz(nb_zero) - at_nz(zi_logits) - at_nz(mix_zero) + nonzero_terms
+    return dense + per_cell(at_nonzeros) - log_x_factorial

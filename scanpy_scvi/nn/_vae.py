@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._layers import FCLayers, _apply_2d, batch_norm
-from ._likelihoods import log_nb, log_poisson, log_zinb
+from ._likelihoods import log_nb, log_poisson, log_zinb, summed_log_likelihood
 
 VAR_EPS = 1e-4  # added to the encoder variance, as in the reference
 
@@ -209,7 +209,21 @@ class VAE(nn.Module):
         return {"px_scale": px_scale, "px_rate": px_rate, "theta": theta, "zi_logits": zi_logits}
 
     def log_likelihood(self, x: torch.Tensor, gen: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log p(x | z, l) summed over genes; shape = leading dims of ``px_rate`` without genes."""
+        """log p(x | z, l) summed over genes; shape = leading dims of ``px_rate`` without genes.
+
+        For one draw per cell (the training case) the sum is taken over the nonzero counts
+        with :func:`summed_log_likelihood`; with several draws, elementwise.
+        """
+        mu = gen["px_rate"]
+        if mu.dim() == 2:
+            rows, cols = (x > 0).nonzero(as_tuple=True)
+            return summed_log_likelihood(
+                mu, gen["theta"], gen["zi_logits"], self.gene_likelihood, rows, cols, x[rows, cols]
+            )
+        return self.elementwise_log_likelihood(x, gen).sum(dim=-1)
+
+    def elementwise_log_likelihood(self, x: torch.Tensor, gen: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(x_g | z, l) per entry, by the reference formulas."""
         mu = gen["px_rate"]
         if self.gene_likelihood == "zinb":
             lp = log_zinb(x, mu, gen["theta"], gen["zi_logits"])
@@ -217,7 +231,7 @@ class VAE(nn.Module):
             lp = log_nb(x, mu, gen["theta"])
         else:
             lp = log_poisson(x, mu)
-        return lp.sum(dim=-1)
+        return lp
 
     def forward(self, tensors: dict[str, torch.Tensor], n_samples: int = 1, transform_batch: int | None = None):
         inf = self.inference(tensors, n_samples=n_samples)

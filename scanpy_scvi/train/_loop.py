@@ -72,7 +72,7 @@ def train_vae(
     """
     module.to(device)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+    optimizer = _adam(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
     shuffle_rng = np.random.default_rng(seed)
     history: dict[str, list[float]] = {}
     monitor = "elbo_validation" if len(val_idx) else "elbo_train"
@@ -110,6 +110,14 @@ def train_vae(
         module.load_state_dict(best_state)
     module.eval()
     return history, (best_epoch if best_state is not None else None)
+
+
+def _adam(params: list[torch.nn.Parameter], **kwargs) -> torch.optim.Adam:
+    """Adam with the fused single-kernel update where this torch supports it (same algorithm)."""
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # older torch, or a device without a fused kernel
+        return torch.optim.Adam(params, **kwargs)
 
 
 @torch.inference_mode()
