@@ -311,3 +311,17 @@ def test_early_stopping_via_pp(adata):
     assert n < 30
     assert adata.uns["scvi"]["params"]["best_epoch"] == model.train_config["best_epoch"]
     assert n == model.train_config["best_epoch"] + 3
+
+
+def test_expression_that_cannot_fit_fails_before_training(monkeypatch):
+    """A dense output larger than memory is an error up front, with the way out in the message."""
+    from scanpy_scvi.datasets import synthetic_counts
+    from scanpy_scvi.pp import _scvi as pp_module
+
+    adata = synthetic_counts(n_obs=100, n_vars=30, random_state=0)
+    monkeypatch.setattr(pp_module, "_available_memory", lambda: 1000)  # bytes
+    with pytest.raises(ValueError, match="expression=False"):
+        ss.pp.scvi(adata, use_highly_variable_genes=False, n_epochs=1, progress_bar=False)
+    assert "X_scvi" not in adata.obsm
+    ss.pp.scvi(adata, use_highly_variable_genes=False, n_epochs=1, expression=False, progress_bar=False)
+    assert "X_scvi" in adata.obsm and "X_scvi_denoised" not in adata.obsm

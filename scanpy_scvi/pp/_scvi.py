@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -140,6 +141,7 @@ def scvi(
     expression
         Write ``X_scvi_denoised`` and ``X_scvi_sample_rate``: two dense cells x genes float32
         matrices (8 GB each for 1M cells x 2000 genes). ``False`` writes only the latent space.
+        If they cannot fit in the available memory, this is an error before training.
     device
         ``'auto'`` (CUDA if available, else CPU), ``'cpu'``, ``'cuda'`` or ``'cuda:N'``.
     random_state
@@ -187,6 +189,8 @@ def scvi(
     extra_model = _check_kwargs(model_kwargs, MODEL_KWARGS, "model_kwargs")
     extra_train = _check_kwargs(trainer_kwargs, TRAINER_KWARGS, "trainer_kwargs")
     genes = _select_genes(adata, use_highly_variable_genes, subset_genes)
+    if expression:
+        _check_expression_fits(adata.n_obs, len(genes))
 
     start = logg.info(f"computing scVI{' (LDVAE)' if linear_decoder else ''} on {adata.n_obs} cells x {len(genes)} genes")
     # Everything that can fail on the input fails here, before training and before any write.
@@ -289,6 +293,28 @@ def _uns_record(model: SCVI, params: dict[str, Any]) -> dict[str, Any]:
         },
         "device": str(model.device),
     }
+
+
+def _available_memory() -> int | None:
+    """Bytes of physical memory available now, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_expression_fits(n_obs: int, n_genes: int) -> None:
+    """Fail before training, not after it, when the two dense expression matrices cannot fit."""
+    needed = 2 * n_obs * n_genes * 4  # X_scvi_denoised + X_scvi_sample_rate, float32
+    available = _available_memory()
+    if available is not None and needed > 0.8 * available:
+        msg = (
+            f"The denoised and sample-rate matrices ({n_obs} cells x {n_genes} genes, float32) need "
+            f"{needed / 1e9:.1f} GB but only {available / 1e9:.1f} GB of memory is available. "
+            "Pass `expression=False` to write only the latent space (compute expression later, in "
+            "chunks, with `model.get_normalized_expression(indices=...)`), or use fewer genes."
+        )
+        raise ValueError(msg)
 
 
 def _check_kwargs(kwargs: Mapping[str, Any] | None, allowed: Sequence[str], name: str) -> dict[str, Any]:
