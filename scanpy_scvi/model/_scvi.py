@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,7 +17,7 @@ from ..data._setup import BoundData, DataSetup
 from ..nn._likelihoods import sample_counts
 from ..nn._vae import VAE
 from ..train._loop import TrainConfig, evaluate, train_vae
-from ._io import read_model_dir, write_model_dir
+from ._io import FORMAT, FORMAT_VERSION, read_model_dir, write_model_dir
 
 if TYPE_CHECKING:
     import os
@@ -475,7 +475,28 @@ class SCVI:
             msg = "A 3-D result (n_samples > 1, return_mean=False) or n_samples_overall draws cannot be a DataFrame."
             raise ValueError(msg)
 
+        out = self._decode(bound, idx, codes, mask, library_size, n_samples, return_mean, batch_size)
+        if return_numpy or three_d or n_samples_overall is not None:
+            return out
+        names = (adata if adata is not None else self.adata).obs_names[idx]
+        return pd.DataFrame(out, index=names, columns=np.asarray(self.setup.genes)[mask])
+
+    def _decode(
+        self,
+        bound: BoundData,
+        idx: np.ndarray,
+        codes: list[int | None],
+        mask: np.ndarray,
+        library_size: float | str = 1,
+        n_samples: int = 1,
+        return_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Expression of cells ``idx``: one z draw per sample, decoded in each batch of ``codes``
+        (``None``: the cell's own) and averaged over them; (cells, genes) or (samples, cells, genes)."""
+        three_d = n_samples > 1 and not return_mean
         G = int(mask.sum())
+        gene_mask = torch.as_tensor(mask, device=self.device)
         out = np.zeros((n_samples, len(idx), G) if three_d else (len(idx), G), dtype=np.float32)
         with self._inference():
             for rows, t in self._minibatches(bound, idx, batch_size):
@@ -484,7 +505,7 @@ class SCVI:
                 for code in codes:
                     gen = self.module.generative(inf["z"], inf["library"], t, transform_batch=code)
                     value = gen["px_rate"] if library_size == "latent" else gen["px_scale"] * library_size
-                    value = value[..., torch.as_tensor(mask, device=self.device)]
+                    value = value[..., gene_mask]
                     acc = value if acc is None else acc + value
                 acc = acc / len(codes)
                 if n_samples > 1 and return_mean:
@@ -493,10 +514,7 @@ class SCVI:
                     out[:, rows] = _np(acc)
                 else:
                     out[rows] = _np(acc)
-        if return_numpy or three_d or n_samples_overall is not None:
-            return out
-        names = (adata if adata is not None else self.adata).obs_names[idx]
-        return pd.DataFrame(out, index=names, columns=np.asarray(self.setup.genes)[mask])
+        return out
 
     def _denoised_and_rate(self, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Frequencies and likelihood means of the training cells from one shared z draw each.
@@ -656,15 +674,55 @@ class SCVI:
     def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, device: str | torch.device = "auto") -> SCVI:
         """Load a saved model; with ``adata``, check its genes and categories against the model."""
         config, state = read_model_dir(dir_path)
+        return cls._from_payload(config, state, adata=adata, device=device, source=f"{dir_path}/config.json")
+
+    def to_uns(self) -> dict[str, Any]:
+        """The model as an h5ad-writable dict: JSON configuration plus weights as numpy arrays.
+
+        :func:`scanpy_scvi.pp.scvi` stores this in ``adata.uns[key]['model']`` so that
+        ``tl`` functions find the model again, also after ``write_h5ad`` / ``read_h5ad``.
+        """
+        import json
+
+        return {
+            "config": json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **self._config()}),
+            "weights": {k: v.detach().cpu().numpy() for k, v in self.module.state_dict().items()},
+        }
+
+    @classmethod
+    def from_anndata(cls, adata: AnnData, *, key: str = "scvi", device: str | torch.device = "auto") -> SCVI:
+        """Rebuild the model stored by :func:`scanpy_scvi.pp.scvi` in ``adata.uns[key]['model']``."""
+        import json
+
+        entry = adata.uns.get(key, {})
+        stored = entry.get("model") if isinstance(entry, Mapping) else None
+        if not isinstance(stored, Mapping) or "config" not in stored or "weights" not in stored:
+            msg = (
+                f"No model stored in adata.uns[{key!r}]['model']. Run `scanpy_scvi.pp.scvi(adata)` "
+                "(with store_model=True, the default), or pass the model explicitly (`model=`)."
+            )
+            raise KeyError(msg)
+        try:
+            config = json.loads(str(stored["config"]))
+        except json.JSONDecodeError as e:
+            msg = f"adata.uns[{key!r}]['model']['config'] is not valid JSON ({e})."
+            raise ValueError(msg) from e
+        state = {k: torch.as_tensor(np.asarray(v)) for k, v in stored["weights"].items()}
+        return cls._from_payload(config, state, adata=adata, device=device, source=f"adata.uns[{key!r}]['model']")
+
+    @classmethod
+    def _from_payload(
+        cls, config: dict[str, Any], state: dict[str, torch.Tensor], *, adata, device, source: str
+    ) -> SCVI:
         if config.get("model_class") != cls.__name__:
-            msg = f"{dir_path} holds a {config.get('model_class')!r} model, not {cls.__name__}."
+            msg = f"{source} holds a {config.get('model_class')!r} model, not {cls.__name__}."
             raise ValueError(msg)
         try:
             setup = DataSetup.from_dict(config["setup"])
             model = cls.__new__(cls)
             model._build(setup, config["module_kwargs"], random_state=None)
         except (KeyError, TypeError) as e:
-            msg = f"{dir_path}/config.json is incomplete or inconsistent ({e!r}). Re-save the model."
+            msg = f"{source}: the configuration is incomplete or inconsistent ({e!r}). Re-save the model."
             raise ValueError(msg) from e
         expected = model.module.state_dict()
         problems = sorted(set(expected) ^ set(state)) + [
@@ -673,7 +731,7 @@ class SCVI:
             if k in state and state[k].shape != v.shape
         ]
         if problems:
-            msg = f"{dir_path}: weights do not match the configuration ({problems[:5]}). The file is corrupt."
+            msg = f"{source}: weights do not match the configuration ({problems[:5]}). The file is corrupt."
             raise ValueError(msg)
         model.module.load_state_dict(state)
         model.history_ = {k: list(v) for k, v in config.get("history", {}).items()}

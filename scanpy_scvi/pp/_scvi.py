@@ -63,6 +63,7 @@ def scvi(
     early_stopping: bool = False,
     check_counts: bool = True,
     expression: bool = True,
+    store_model: bool = True,
     device: str = "auto",
     random_state: int | None = 0,
     key_added: str = "X_scvi",
@@ -142,6 +143,11 @@ def scvi(
         Write ``X_scvi_denoised`` and ``X_scvi_sample_rate``: two dense cells x genes float32
         matrices (8 GB each for 1M cells x 2000 genes). ``False`` writes only the latent space.
         If they cannot fit in the available memory, this is an error before training.
+    store_model
+        Store the trained model (weights and configuration, a few MB) in
+        ``adata.uns['scvi']['model']``, so that ``tl`` functions find it, also after
+        ``write_h5ad`` / ``read_h5ad`` in a new process
+        (:meth:`~scanpy_scvi.SCVI.from_anndata`). ``False`` keeps the AnnData free of it.
     device
         ``'auto'`` (CUDA if available, else CPU), ``'cpu'``, ``'cuda'`` or ``'cuda:N'``.
     random_state
@@ -170,7 +176,8 @@ def scvi(
         LDVAE only: loadings with the decoder batch norm folded in. With another
         ``key_added``: ``uns['<key>_loadings']`` (``key_added`` without ``'X_'``).
     ``adata.uns['scvi']`` : dict
-        ``params``, ``genes``, per-epoch ``history``, ``versions`` and ``device``.
+        ``params``, ``genes``, per-epoch ``history``, ``versions``, ``device`` and, with
+        ``store_model``, ``model``.
     """
     from ..model import SCVI
 
@@ -257,6 +264,8 @@ def scvi(
         check_counts=check_counts, random_state=random_state, key_added=key_added, **extra_model, **extra_train,
     )  # fmt: skip
     adata.uns[uns_key] = _uns_record(model, params)
+    if store_model:
+        adata.uns[uns_key]["model"] = model.to_uns()
     outputs = f"'{key_added}'" + (f", '{key_added}_denoised', '{key_added}_sample_rate'" if expression else "")
     logg.info("    finished", time=start, deep=f"added\n    {outputs} (adata.obsm)\n    '{uns_key}' (adata.uns)")
 

@@ -1,3 +1,5 @@
-"""Tools that work on a fitted model."""
+"""Tools that work on a fitted model: differential expression."""
 
-__all__: list[str] = []
+from ._de import differential_expression, within_cluster_differential_expression
+
+__all__ = ["differential_expression", "within_cluster_differential_expression"]

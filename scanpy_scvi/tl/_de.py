@@ -1,0 +1,531 @@
+"""Bayesian differential expression with scVI (Lopez et al. 2018; Boyeau et al. 2019).
+
+For two groups of cells, normalised expression (the decoder's frequencies) is sampled from
+the posterior of each group: cells are drawn at random and decoded once each, so the cost
+is ``n_samples`` decodes per group, whatever the group sizes. Results are written in the
+layout of :func:`scanpy.tl.rank_genes_groups`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .._compat import logg
+from ._model import resolve_model
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..data._setup import BoundData
+    from ..model import SCVI
+
+EPS = 1e-8
+REST = "rest"
+
+
+@dataclass
+class _Comparison:
+    label1: str
+    label2: str
+    cells1: np.ndarray
+    cells2: np.ndarray
+
+
+def differential_expression(
+    adata: AnnData,
+    *,
+    groupby: str | None = None,
+    group1: str | Sequence[str] | None = None,
+    group2: str | None = None,
+    idx1: Sequence[int] | np.ndarray | None = None,
+    idx2: Sequence[int] | np.ndarray | None = None,
+    mode: Literal["change", "vanilla"] = "change",
+    delta: float = 0.25,
+    fdr_target: float = 0.05,
+    pseudocounts: float | None = None,
+    batch_correction: bool = False,
+    batchid1: Sequence[str] | None = None,
+    batchid2: Sequence[str] | None = None,
+    n_samples: int = 5000,
+    model: SCVI | None = None,
+    model_key: str = "scvi",
+    key_added: str = "scvi_de",
+    inplace: bool = True,
+    random_state: int | None = 0,
+    progress_bar: bool = True,
+    batch_size: int | None = None,
+) -> pd.DataFrame | None:
+    """Bayesian differential expression between groups of cells.
+
+    ``mode='change'`` (default) estimates the posterior of the log2 fold change (LFC) of
+    normalised expression, ``log2(s1 + pc) - log2(s2 + pc)``, and calls a gene DE when the
+    posterior probability that ``|LFC| >= delta`` (``proba_de``) is high; the genes flagged in
+    ``is_de_fdr_<fdr_target>`` control the posterior expected false discovery rate.
+    ``mode='vanilla'`` computes the Bayes factor of ``s1 > s2`` against ``s1 <= s2``.
+    These are posterior probabilities, not p-values: none are computed.
+
+    Parameters
+    ----------
+    adata
+        The AnnData the model was fitted on, or one with the same genes (by name) and known
+        batches.
+    groupby
+        ``obs`` column of groups. Default comparison: each group against the rest
+        (one-vs-all).
+    group1
+        Group(s) of ``groupby`` to test (default: all of them).
+    group2
+        Reference group; ``None`` compares with all other cells (``'rest'``).
+    idx1, idx2
+        Instead of ``groupby``: boolean masks or integer positions of the two groups
+        (``idx2=None``: all other cells).
+    mode
+        ``'change'`` or ``'vanilla'``.
+    delta
+        LFC threshold of the change mode (log2 scale; 0.25 as in scvi-tools).
+    fdr_target
+        Target of the posterior expected FDR for ``is_de_fdr_<fdr_target>``.
+    pseudocounts
+        Added to the frequencies before the LFC. ``None``: estimated as in scvi-tools (the
+        0.9 quantile of the largest sampled frequency among genes with mean raw count < 0.01
+        in a group, divided by the number of genes); LFC summaries use 1e-3 times it.
+    batch_correction
+        Decode both groups in the same batches (``batchid1`` / ``batchid2``, default all
+        batches) and compare samples within a batch, so batch effects cancel. ``False``:
+        decode each cell in its own batch.
+    batchid1, batchid2
+        Batches to decode group 1 / group 2 in with ``batch_correction``. When they are
+        disjoint the samples are compared across batches.
+    n_samples
+        Posterior samples per group (cells drawn with replacement, one z draw each).
+    model
+        A fitted :class:`~scanpy_scvi.SCVI`. Default: the model ``pp.scvi`` stored in
+        ``adata.uns[model_key]['model']``.
+    model_key
+        ``uns`` key of the stored model.
+    key_added
+        ``uns`` key of the results.
+    inplace
+        Write the results into ``adata.uns[key_added]`` (``rank_genes_groups`` layout) and
+        return None; ``False`` returns the DataFrame instead and leaves ``adata`` unchanged.
+    random_state
+        Seed of the cell draws and posterior samples; the same seed gives the same result.
+    progress_bar
+        Show a bar over the comparisons.
+    batch_size
+        Cells decoded per minibatch.
+
+    Returns
+    -------
+    With ``inplace=False``, a DataFrame with one row per gene and comparison, sorted by
+    ``proba_de`` (change) or ``bayes_factor`` (vanilla) within each comparison, indexed by
+    gene, with columns:
+
+    ``proba_de``, ``proba_not_de``
+        Posterior probability that ``|LFC| >= delta`` (the larger of the up and down
+        probabilities), and one minus it (change mode).
+    ``proba_m1``, ``proba_m2``
+        Posterior probability that ``s1 > s2`` and its complement (vanilla mode).
+    ``bayes_factor``
+        ``log(p / (1 - p))`` of ``proba_de`` (change) or ``proba_m1`` (vanilla); > 0 favours DE / up.
+    ``scale1``, ``scale2``
+        Mean sampled normalised expression (frequencies summing to 1 over the model genes).
+    ``pseudocounts``, ``delta``
+        The pseudocount and threshold used.
+    ``lfc_mean``, ``lfc_median``, ``lfc_std``, ``lfc_min``, ``lfc_max``
+        Summaries of the posterior LFC samples (log2, group 1 over group 2; both modes).
+    ``raw_mean1``, ``raw_mean2``
+        Mean raw count per cell in each group.
+    ``non_zeros_proportion1``, ``non_zeros_proportion2``
+        Fraction of cells with a nonzero count.
+    ``raw_normalized_mean1``, ``raw_normalized_mean2``
+        Mean of the counts scaled to 10,000 per cell (over the model genes).
+    ``is_de_fdr_<fdr_target>``
+        The largest set of top genes (by ``proba_de``) whose posterior expected FDR
+        (mean of ``proba_not_de``) is at most ``fdr_target`` (change mode).
+    ``comparison``, ``group1``, ``group2``
+        ``'<group1> vs <group2>'`` and the two labels.
+
+    With ``inplace=True``, ``adata.uns[key_added]`` holds ``names``, ``scores`` (``proba_de``,
+    or ``bayes_factor`` in vanilla mode), ``logfoldchanges`` (``lfc_median``) and every
+    column above as record arrays with one field per ``group1``, ranked by score, plus
+    ``params``. ``pvals`` and ``pvals_adj`` are present only so that scanpy's readers work,
+    and are NaN: this test has no p-values. ``sc.get.rank_genes_groups_df(adata, group,
+    key=key_added)`` and ``sc.pl.rank_genes_groups_dotplot(adata, key=key_added)`` read it.
+    """
+    _check_test_args(mode, delta, fdr_target, n_samples)
+    model = resolve_model(adata, model, model_key)
+    comparisons = _comparisons(adata, groupby, group1, group2, idx1, idx2)
+    start = logg.info(f"scVI differential expression ({mode} mode), {len(comparisons)} comparison(s)")
+    result = _run(
+        adata, model, comparisons, mode=mode, delta=delta, fdr_target=fdr_target, pseudocounts=pseudocounts,
+        codes1=_batch_codes(model, batch_correction, batchid1), codes2=_batch_codes(model, batch_correction, batchid2),
+        n_samples=n_samples, random_state=random_state, progress_bar=progress_bar, batch_size=batch_size,
+    )  # fmt: skip
+    if not inplace:
+        logg.info("    finished", time=start)
+        return result
+    adata.uns[key_added] = _rank_genes_groups_layout(
+        result,
+        mode=mode,
+        fdr_target=fdr_target,
+        params={
+            "groupby": groupby if groupby is not None else "idx1",
+            "reference": group2 if group2 is not None else REST,
+            **_params(model, mode, delta, fdr_target, n_samples, batch_correction, model_key, random_state),
+        },
+    )
+    logg.info("    finished", time=start, deep=f"added\n    '{key_added}', DE results (adata.uns)")
+    return None
+
+
+def within_cluster_differential_expression(
+    adata: AnnData,
+    *,
+    cluster_key: str,
+    condition_key: str,
+    condition1: str,
+    condition2: str,
+    clusters: Sequence[str] | None = None,
+    min_cells: int = 10,
+    mode: Literal["change", "vanilla"] = "change",
+    delta: float = 0.25,
+    fdr_target: float = 0.05,
+    pseudocounts: float | None = None,
+    n_samples: int = 5000,
+    model: SCVI | None = None,
+    model_key: str = "scvi",
+    key_added: str = "scvi_de_within",
+    inplace: bool = True,
+    random_state: int | None = 0,
+    progress_bar: bool = True,
+    batch_size: int | None = None,
+) -> pd.DataFrame | None:
+    """Within each cluster, compare two conditions (e.g. stimulated vs control).
+
+    The within-cluster loop of the original scVI ``Posterior`` API: for every cluster of
+    ``cluster_key`` with at least ``min_cells`` cells in each condition, the cells of
+    ``condition1`` are tested against those of ``condition2`` as in
+    :func:`differential_expression` (same parameters and output columns). Each cell is
+    decoded in its own batch; give the condition as ``condition_key``, not as the model's
+    batch, or the condition effect is what the model removed.
+
+    Parameters
+    ----------
+    adata
+        AnnData with the model's genes.
+    cluster_key
+        ``obs`` column of clusters or cell types.
+    condition_key
+        ``obs`` column of conditions.
+    condition1, condition2
+        The conditions compared (LFC = condition1 over condition2).
+    clusters
+        Clusters to test (default: all with enough cells).
+    min_cells
+        Minimum cells per condition in a cluster; smaller clusters are skipped with a log message.
+    mode, delta, fdr_target, pseudocounts, n_samples, model, model_key, random_state, progress_bar, batch_size
+        As in :func:`differential_expression`.
+    key_added
+        ``uns`` key of the results (``rank_genes_groups`` layout, one field per cluster, with
+        ``params['groupby'] = cluster_key``, so scanpy's DE plots show the clusters).
+    inplace
+        Write into ``adata.uns[key_added]``; ``False`` returns the DataFrame.
+
+    Returns
+    -------
+    As :func:`differential_expression`: ``group1`` is the cluster and ``comparison`` reads
+    ``'<cluster>: <condition1> vs <condition2>'``.
+    """
+    _check_test_args(mode, delta, fdr_target, n_samples)
+    model = resolve_model(adata, model, model_key)
+    for key in (cluster_key, condition_key):
+        if key not in adata.obs.columns:
+            msg = f"{key!r} not found in adata.obs (columns: {list(adata.obs.columns)[:20]})."
+            raise KeyError(msg)
+    cluster = adata.obs[cluster_key].astype(str).to_numpy()
+    condition = adata.obs[condition_key].astype(str).to_numpy()
+    for c in (condition1, condition2):
+        if c not in set(condition):
+            msg = f"Condition {c!r} not found in obs[{condition_key!r}] ({sorted(set(condition))})."
+            raise ValueError(msg)
+    names = list(dict.fromkeys(cluster)) if clusters is None else [str(c) for c in clusters]
+    comparisons = []
+    for name in names:
+        cells1 = np.flatnonzero((cluster == name) & (condition == condition1))
+        cells2 = np.flatnonzero((cluster == name) & (condition == condition2))
+        if min(len(cells1), len(cells2)) < min_cells:
+            logg.info(f"    skipping {name!r}: {len(cells1)} vs {len(cells2)} cells (< min_cells={min_cells})")
+            continue
+        comparisons.append(_Comparison(name, condition2, cells1, cells2))
+    if not comparisons:
+        msg = f"No cluster has at least min_cells={min_cells} cells in both {condition1!r} and {condition2!r}."
+        raise ValueError(msg)
+    start = logg.info(f"scVI within-cluster DE, {condition1} vs {condition2}, {len(comparisons)} clusters")
+    result = _run(
+        adata, model, comparisons, mode=mode, delta=delta, fdr_target=fdr_target, pseudocounts=pseudocounts,
+        codes1=[None], codes2=[None], n_samples=n_samples, random_state=random_state, progress_bar=progress_bar,
+        batch_size=batch_size,
+    )  # fmt: skip
+    result["comparison"] = [f"{g}: {condition1} vs {condition2}" for g in result["group1"]]
+    if not inplace:
+        logg.info("    finished", time=start)
+        return result
+    adata.uns[key_added] = _rank_genes_groups_layout(
+        result,
+        mode=mode,
+        fdr_target=fdr_target,
+        params={
+            "groupby": cluster_key,
+            "reference": condition2,
+            "condition_key": condition_key,
+            "condition1": condition1,
+            "condition2": condition2,
+            **_params(model, mode, delta, fdr_target, n_samples, False, model_key, random_state),
+        },
+    )
+    logg.info("    finished", time=start, deep=f"added\n    '{key_added}', DE results (adata.uns)")
+    return None
+
+
+def _params(model, mode, delta, fdr_target, n_samples, batch_correction, model_key, random_state) -> dict:
+    return {
+        "method": f"scvi_{mode}",
+        "use_raw": False,
+        "layer": model.setup.layer if model.setup.layer is not None else "X",
+        "corr_method": "posterior expected FDR (no p-values)",
+        "delta": float(delta),
+        "fdr_target": float(fdr_target),
+        "n_samples": int(n_samples),
+        "batch_correction": bool(batch_correction),
+        "model_key": model_key,
+        "random_state": -1 if random_state is None else int(random_state),
+    }
+
+
+def _check_test_args(mode, delta, fdr_target, n_samples) -> None:
+    if mode not in ("change", "vanilla"):
+        msg = f"mode must be 'change' or 'vanilla', got {mode!r}."
+        raise ValueError(msg)
+    if not (isinstance(delta, (int, float)) and delta > 0):
+        msg = f"delta must be a positive number (log2 fold change), got {delta!r}."
+        raise ValueError(msg)
+    if not 0 < fdr_target < 1:
+        msg = f"fdr_target must be in (0, 1), got {fdr_target}."
+        raise ValueError(msg)
+    if not isinstance(n_samples, (int, np.integer)) or n_samples < 2:
+        msg = f"n_samples must be an integer >= 2, got {n_samples!r}."
+        raise ValueError(msg)
+
+
+def _run(
+    adata, model, comparisons, *, mode, delta, fdr_target, pseudocounts, codes1, codes2, n_samples, random_state,
+    progress_bar, batch_size,
+) -> pd.DataFrame:  # fmt: skip
+    """Sample both groups of every comparison and test; one DataFrame for all comparisons."""
+    from ..model._scvi import _seeded
+
+    bound = model._require_data(adata)  # checks genes and batches of adata against the model
+    stats = _RawStats(bound)
+    rng = np.random.default_rng(random_state)
+    frames = []
+    with _seeded(random_state, model.device):
+        for comp in tqdm(comparisons, desc="DE", unit="comparison", disable=not progress_bar):
+            s1 = _sample_scales(model, bound, comp.cells1, codes1, n_samples, rng, batch_size)
+            s2 = _sample_scales(model, bound, comp.cells2, codes2, n_samples, rng, batch_size)
+            raw1, raw2 = stats.of(comp.cells1), stats.of(comp.cells2)
+            frames.append(
+                _compare(s1, s2, raw1, raw2, model.setup.genes, mode, delta, fdr_target, pseudocounts, comp)
+            )
+    return pd.concat(frames)
+
+
+# -- groups ---------------------------------------------------------------------------------------
+def _comparisons(adata, groupby, group1, group2, idx1, idx2) -> list[_Comparison]:
+    n = adata.n_obs
+    if idx1 is not None:
+        if groupby is not None:
+            msg = "Pass either groupby (with group1/group2) or idx1/idx2, not both."
+            raise ValueError(msg)
+        cells1 = _positions(idx1, n, "idx1")
+        cells2 = np.setdiff1d(np.arange(n), cells1) if idx2 is None else _positions(idx2, n, "idx2")
+        if np.intersect1d(cells1, cells2).size:
+            msg = "idx1 and idx2 overlap; the two groups must be disjoint."
+            raise ValueError(msg)
+        return [_Comparison("group1", REST if idx2 is None else "group2", cells1, cells2)]
+    if groupby is None:
+        msg = "Pass groupby (an obs column) or idx1 to define the groups."
+        raise ValueError(msg)
+    if groupby not in adata.obs.columns:
+        msg = f"groupby={groupby!r} not found in adata.obs (columns: {list(adata.obs.columns)[:20]})."
+        raise KeyError(msg)
+    labels = adata.obs[groupby]
+    if labels.isna().any():
+        msg = f"obs[{groupby!r}] has {int(labels.isna().sum())} missing values; fill or drop them first."
+        raise ValueError(msg)
+    values = labels.astype(str).to_numpy()
+    present = list(labels.cat.categories.astype(str)) if hasattr(labels, "cat") else sorted(set(values))
+    present = [g for g in present if np.any(values == g)]
+    groups = present if group1 is None else ([group1] if isinstance(group1, str) else [str(g) for g in group1])
+    for g in [*groups, *([] if group2 is None else [group2])]:
+        if g not in present:
+            msg = f"Group {g!r} not found in obs[{groupby!r}] (groups with cells: {present})."
+            raise ValueError(msg)
+    if group1 is None and len(groups) < 2:
+        msg = f"obs[{groupby!r}] has a single group; one-vs-rest needs at least two."
+        raise ValueError(msg)
+    out = []
+    for g in groups:
+        if g == group2:
+            continue
+        cells1 = np.flatnonzero(values == g)
+        cells2 = np.flatnonzero(values != g) if group2 is None else np.flatnonzero(values == group2)
+        out.append(_Comparison(g, REST if group2 is None else group2, cells1, cells2))
+    return out
+
+
+def _positions(idx, n: int, name: str) -> np.ndarray:
+    arr = np.asarray(idx)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            msg = f"{name} as a boolean mask must have length n_obs={n}."
+            raise ValueError(msg)
+        arr = np.flatnonzero(arr)
+    elif arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= n):
+        msg = f"{name} must be a boolean mask or integer positions in [0, {n})."
+        raise ValueError(msg)
+    arr = np.unique(arr.astype(np.int64))
+    if arr.size == 0:
+        msg = f"{name} selects no cells."
+        raise ValueError(msg)
+    return arr
+
+
+def _batch_codes(model: SCVI, batch_correction: bool, batchid) -> list[int | None]:
+    if not batch_correction:
+        if batchid is not None:
+            msg = "batchid1/batchid2 need batch_correction=True."
+            raise ValueError(msg)
+        return [None]
+    values = model.setup.batch_categories if batchid is None else batchid
+    values = [values] if isinstance(values, str) else list(values)
+    return [model.setup.batch_code(v) for v in values]
+
+
+# -- sampling -------------------------------------------------------------------------------------------
+def _sample_scales(model, bound, cells, codes, n_samples, rng, batch_size) -> list[np.ndarray]:
+    """Per batch code: (n_samples / n_codes, genes) frequencies of randomly drawn cells."""
+    per_code = max(n_samples // len(codes), 2)
+    mask = np.ones(len(model.setup.genes), dtype=bool)
+    return [
+        model._decode(bound, rng.choice(cells, per_code, replace=True), [code], mask, batch_size=batch_size)
+        for code in codes
+    ]
+
+
+def _paired(s1: list[np.ndarray], s2: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Row-aligned sample pairs; within a batch when both groups were decoded in the same batches."""
+    a, b = np.concatenate(s1), np.concatenate(s2)
+    n = min(len(a), len(b))
+    return a[:n], b[:n]
+
+
+# -- raw statistics -------------------------------------------------------------------------------------------
+class _RawStats:
+    """Per-cell raw count summaries over the model genes, aggregated for any set of cells."""
+
+    def __init__(self, bound: BoundData):
+        self.bound = bound
+
+    def of(self, cells: np.ndarray, chunk: int = 4096) -> dict[str, np.ndarray]:
+        G = self.bound.source.n_vars
+        total, nonzero, normalized = np.zeros(G), np.zeros(G), np.zeros(G)
+        for start in range(0, len(cells), chunk):
+            rows = cells[start : start + chunk]
+            X = self.bound.source.get(rows)["X"].numpy().astype(np.float64)
+            total += X.sum(0)
+            nonzero += (X > 0).sum(0)
+            normalized += (X * (1e4 / self.bound.library[rows])[:, None]).sum(0)
+        n = len(cells)
+        return {"raw_mean": total / n, "non_zeros_proportion": nonzero / n, "raw_normalized_mean": normalized / n}
+
+
+# -- tests --------------------------------------------------------------------------------------------------
+def _pseudocount(s1: np.ndarray, s2: np.ndarray, raw1, raw2, threshold: float = 0.01) -> float:
+    """scvi-tools' offset: 0.9 quantile of max sampled frequency over non-expressed genes, / n_genes."""
+    offsets = []
+    for s, raw in ((s1, raw1), (s2, raw2)):
+        silent = raw["raw_mean"] < threshold
+        offsets.append(np.quantile(s.max(0)[silent], 0.9) if silent.any() else 1e-10)
+    return float(max(1e-10, max(offsets) / s1.shape[1]))
+
+
+def _compare(s1l, s2l, raw1, raw2, genes, mode, delta, fdr_target, pseudocounts, comp) -> pd.DataFrame:
+    scale1, scale2 = np.concatenate(s1l).mean(0), np.concatenate(s2l).mean(0)
+    s1, s2 = _paired(s1l, s2l)
+    pc = _pseudocount(s1, s2, raw1, raw2) if pseudocounts is None else float(pseudocounts)
+    cols: dict[str, np.ndarray | float] = {}
+    if mode == "change":
+        lfc = np.log2(s1 + pc) - np.log2(s2 + pc)
+        up, down = (lfc >= delta).mean(0), (lfc < -delta).mean(0)
+        proba = np.maximum(up, down)
+        cols.update(proba_de=proba, proba_not_de=1 - proba)
+    else:
+        proba = (s1 > s2).mean(0)
+        cols.update(proba_m1=proba, proba_m2=1 - proba)
+    cols["bayes_factor"] = np.log(proba + EPS) - np.log(1 - proba + EPS)
+    cols.update(scale1=scale1, scale2=scale2, pseudocounts=pc, delta=float(delta))
+    lfc = np.log2(s1 + 1e-3 * pc) - np.log2(s2 + 1e-3 * pc)  # smaller offset for the LFC estimate
+    cols.update(
+        lfc_mean=lfc.mean(0), lfc_median=np.median(lfc, 0), lfc_std=lfc.std(0), lfc_min=lfc.min(0), lfc_max=lfc.max(0)
+    )
+    for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean"):
+        cols[f"{k}1"], cols[f"{k}2"] = raw1[k], raw2[k]
+    df = pd.DataFrame(cols, index=pd.Index(genes, name="gene"))
+    df = df.sort_values("proba_de" if mode == "change" else "bayes_factor", ascending=False, kind="stable")
+    if mode == "change":
+        df[f"is_de_fdr_{fdr_target}"] = _fdr_flags(df["proba_de"].to_numpy(), fdr_target)
+    df["comparison"] = f"{comp.label1} vs {comp.label2}"
+    df["group1"], df["group2"] = comp.label1, comp.label2
+    return df
+
+
+def _fdr_flags(proba_sorted_desc: np.ndarray, target: float) -> np.ndarray:
+    """Top genes whose posterior expected FDR, mean(1 - proba_de) over the top d, stays <= target."""
+    fdr = np.cumsum(1 - proba_sorted_desc) / np.arange(1, len(proba_sorted_desc) + 1)
+    ok = np.flatnonzero(fdr <= target)
+    flags = np.zeros(len(proba_sorted_desc), dtype=bool)
+    if ok.size:
+        flags[: ok[-1] + 1] = True
+    return flags
+
+
+def _rank_genes_groups_layout(result: pd.DataFrame, *, mode: str, fdr_target: float, params: dict) -> dict:
+    """The ``rank_genes_groups`` structure: one record-array field per group1, ranked by score."""
+    score = "proba_de" if mode == "change" else "bayes_factor"
+    groups = list(dict.fromkeys(result["group1"]))
+    per_group = {g: result[result["group1"] == g] for g in groups}
+    n = len(next(iter(per_group.values())))
+
+    def records(values_of) -> np.recarray:
+        return np.rec.fromarrays([values_of(per_group[g]) for g in groups], names=groups)
+
+    out = {
+        "params": params,
+        "names": records(lambda d: d.index.to_numpy().astype(object)),
+        "scores": records(lambda d: d[score].to_numpy(np.float32)),
+        "logfoldchanges": records(lambda d: d["lfc_median"].to_numpy(np.float32)),
+        "pvals": records(lambda d: np.full(n, np.nan, dtype=np.float32)),
+        "pvals_adj": records(lambda d: np.full(n, np.nan, dtype=np.float32)),
+    }
+    extra = [c for c in result.columns if c not in ("comparison", "group1", "group2", "pseudocounts", "delta")]
+    for c in extra:
+        dtype = bool if c.startswith("is_de_fdr") else np.float32
+        out[c] = records(lambda d, c=c: d[c].to_numpy(dtype))
+    return out
