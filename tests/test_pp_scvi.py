@@ -64,7 +64,8 @@ def test_outputs(result):
     np.testing.assert_allclose(rate, den * totals[:, None], rtol=1e-4, atol=1e-6)
 
     uns = adata.uns["scvi"]
-    assert set(uns) == {"params", "genes", "history", "versions", "device"}
+    assert set(uns) == {"params", "genes", "history", "versions", "device", "model"}
+    assert set(uns["model"]) == {"config", "weights"}
     assert list(uns["genes"]) == genes
     assert uns["device"] == "cpu"
     assert set(uns["versions"]) == {"scanpy_scvi", "torch", "scanpy", "anndata"}
