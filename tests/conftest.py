@@ -8,6 +8,7 @@ take the function-scoped ``adata`` fixture (a fresh copy).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import matplotlib
 
@@ -101,3 +102,23 @@ def assert_unchanged(adata, snap: dict) -> None:
     assert sorted(adata.layers.keys()) == sorted(snap["layers"].keys()), "layers keys changed"
     for k, v in snap["layers"].items():
         assert _same_matrix(adata.layers[k], v), f"layers[{k!r}] was modified"
+
+
+IFNB = Path(__file__).resolve().parents[2] / "shared" / "data" / "kang2018_ifnb_pbmc_2k.h5ad"
+
+
+@pytest.fixture(scope="session")
+def ifnb():
+    """Kang 2018 IFN-beta PBMC (CTRL/STIM in obs['batch']), 2000 HVGs, scVI fitted without the
+    condition as batch (60 epochs). Read-only: tests copy it before writing."""
+    import anndata as ad
+    import scanpy as sc
+
+    import scanpy_scvi as ss
+
+    if not IFNB.is_file():
+        pytest.skip(f"real data not found at {IFNB}")
+    adata = ad.read_h5ad(IFNB)
+    sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=2000)
+    ss.pp.scvi(adata, n_epochs=60, progress_bar=False)
+    return adata

@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
 import scanpy as sc
-from conftest import make_adata
+from conftest import IFNB, make_adata
 
 import scanpy_scvi as ss
 from scanpy_scvi.tl._de import _fdr_flags
 
-IFNB = Path(__file__).resolve().parents[2] / "shared" / "data" / "kang2018_ifnb_pbmc_2k.h5ad"
 ISGS = ["ISG15", "IFI6", "IFIT1", "MX1", "IFIT3"]
 needs_ifnb = pytest.mark.skipif(not IFNB.is_file(), reason=f"real data not found at {IFNB}")
-
-
-@pytest.fixture(scope="module")
-def ifnb():
-    """Kang 2018 IFN-beta PBMC (CTRL/STIM in obs['batch']), scVI fitted without the condition as batch."""
-    adata = ad.read_h5ad(IFNB)
-    sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=2000)
-    ss.pp.scvi(adata, n_epochs=60, progress_bar=False)
-    return adata
 
 
 def _cd14(adata):

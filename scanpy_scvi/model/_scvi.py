@@ -647,6 +647,116 @@ class SCVI:
         w = _np(self.module.loadings())
         return pd.DataFrame(w, index=pd.Index(self.setup.genes), columns=[f"Z_{i}" for i in range(w.shape[1])])
 
+    # -- quality scores (the original scVI Posterior API) ------------------------------------------
+    def _obs_labels(self, adata, idx, labels_key: str | None) -> np.ndarray:
+        key = labels_key or self.setup.labels_key
+        if key is None:
+            msg = "Pass labels_key= (an obs column of cell labels); the model was built without one."
+            raise ValueError(msg)
+        data = adata if adata is not None else self.adata
+        if key not in data.obs.columns:
+            msg = f"{key!r} not found in adata.obs."
+            raise KeyError(msg)
+        return data.obs[key].astype(str).to_numpy()[idx]
+
+    def entropy_batch_mixing(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        *,
+        n_neighbors: int = 50,
+        n_pools: int = 50,
+        n_samples_per_pool: int = 100,
+        random_state: int | None = 0,
+    ) -> float:
+        """Batch mixing of the latent space: mean entropy of the batches among each cell's
+        ``n_neighbors`` nearest neighbours (0: unmixed; log(n_batches): balanced batches fully
+        mixed), averaged over random pools of cells as in scVI 0.6."""
+        from ._metrics import entropy_batch_mixing
+
+        if self.setup.batch_key is None:
+            msg = "The model has no batch_key, so there are no batches to mix."
+            raise ValueError(msg)
+        bound, idx = self._select(adata, indices)
+        latent = self.get_latent_representation(adata, idx)
+        return entropy_batch_mixing(
+            latent, bound.source.obs["batch"][idx], n_neighbors=n_neighbors, n_pools=n_pools,
+            n_samples_per_pool=n_samples_per_pool, random_state=random_state,
+        )  # fmt: skip
+
+    def knn_purity(
+        self, adata: AnnData | None = None, indices=None, *, labels_key: str | None = None, n_neighbors: int = 30
+    ) -> float:
+        """Fraction of each cell's latent-space neighbours with the same label (``labels_key``,
+        default the model's), averaged within each label and then over labels; 1 is pure."""
+        from ._metrics import knn_purity
+
+        _, idx = self._select(adata, indices)
+        labels = self._obs_labels(adata, idx, labels_key)
+        return knn_purity(self.get_latent_representation(adata, idx), labels, n_neighbors=n_neighbors)
+
+    def clustering_scores(
+        self, adata: AnnData | None = None, indices=None, *, labels_key: str | None = None, random_state: int | None = 0
+    ) -> dict[str, float]:
+        """k-means on the latent (as many clusters as labels): ``ari`` and ``nmi`` against the
+        labels, and the ``silhouette`` of the labels in the latent space."""
+        from ._metrics import clustering_scores
+
+        _, idx = self._select(adata, indices)
+        labels = self._obs_labels(adata, idx, labels_key)
+        return clustering_scores(self.get_latent_representation(adata, idx), labels, random_state=random_state)
+
+    def get_feature_correlation_matrix(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        n_samples: int = 10,
+        batch_size: int | None = None,
+        rna_size_factor: int = 1000,
+        transform_batch=None,
+        correlation_type: Literal["spearman", "pearson"] = "spearman",
+    ) -> pd.DataFrame:
+        """Gene-gene correlation of denoised expression samples (genes x genes DataFrame).
+
+        For each cell, ``n_samples`` posterior draws of z are decoded and a denoised expression
+        is drawn from Gamma(theta, theta / (rna_size_factor * frequencies)); correlations are
+        taken over all cells x samples and, for a list ``transform_batch``, averaged over the
+        batches. Pearson is accumulated in minibatches; Spearman ranks need all
+        (cells x n_samples, genes) samples in memory, so pass ``indices`` on large data.
+        """
+        from scipy.stats import spearmanr
+
+        _check_positive_int(n_samples=n_samples)
+        if correlation_type not in ("spearman", "pearson"):
+            msg = f"correlation_type must be 'spearman' or 'pearson', got {correlation_type!r}."
+            raise ValueError(msg)
+        bound, idx = self._select(adata, indices)
+        G = len(self.setup.genes)
+        mats = []
+        for code in self._transform_codes(transform_batch):
+            blocks, sums, cross, n = [], np.zeros(G), np.zeros((G, G)), 0
+            with self._inference():
+                for _, t in self._minibatches(bound, idx, batch_size):
+                    inf = self.module.inference(t, n_samples=n_samples)
+                    gen = self.module.generative(inf["z"], inf["library"], t, transform_batch=code)
+                    mean = rna_size_factor * gen["px_scale"]
+                    theta = gen["theta"].expand_as(mean)
+                    draws = torch.distributions.Gamma(theta, theta / mean).sample()
+                    draws = _np(draws).reshape(-1, G).astype(np.float64)
+                    if correlation_type == "spearman":
+                        blocks.append(draws)
+                    else:
+                        sums += draws.sum(0)
+                        cross += draws.T @ draws
+                        n += len(draws)
+            if correlation_type == "spearman":
+                mats.append(spearmanr(np.concatenate(blocks)).statistic)
+            else:
+                cov = cross / n - np.outer(sums / n, sums / n)
+                sd = np.sqrt(np.diag(cov))
+                mats.append(cov / np.outer(sd, sd))
+        return pd.DataFrame(np.mean(mats, axis=0), index=self.setup.genes, columns=self.setup.genes)
+
     # -- persistence -------------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
         from .. import __version__
