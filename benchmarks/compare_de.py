@@ -278,6 +278,28 @@ def isg_table(ours, theirs, isgs, model_genes) -> dict:
     return out
 
 
+def source_state() -> dict:
+    """Identify the DE code measured: sha256 of the imported ``tl/_de.py`` and of ``git diff HEAD -- scanpy_scvi``."""
+    import hashlib
+    import subprocess
+
+    import scanpy_scvi.tl._de as de_module
+
+    out = {
+        "de_module": de_module.__file__,
+        "de_module_sha256": hashlib.sha256(Path(de_module.__file__).read_bytes()).hexdigest(),
+    }
+    try:
+        diff = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "diff", "HEAD", "--", "scanpy_scvi"],
+            capture_output=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+        out["scanpy_scvi_diff_sha256"] = hashlib.sha256(diff).hexdigest() if diff else None
+    except (OSError, subprocess.SubprocessError):
+        out["scanpy_scvi_diff_sha256"] = "unknown"
+    return out
+
+
 # -- report ------------------------------------------------------------------------------------------------
 def print_report(info, setup, train, de_time, per_type, summary, within, args) -> None:
     ko, ks = args.top_overlap, args.top_spearman
@@ -292,6 +314,11 @@ def print_report(info, setup, train, de_time, per_type, summary, within, args) -
     g = info["git"]
     print(f"repository   : commit {g['commit']}, scanpy_scvi/ modified: {g['scanpy_scvi_dirty']}")
     print("versions     : " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    src = setup["source"]
+    print(
+        f"DE source    : {src['de_module']} sha256 {src['de_module_sha256'][:12]}, "
+        f"uncommitted scanpy_scvi diff sha256 {str(src['scanpy_scvi_diff_sha256'])[:12]}"
+    )
     print(f"dataset      : {setup['dataset']} ({setup['n_cells']} cells x {setup['n_genes_total']} genes)")
     print(
         f"setup        : {setup['n_hvg']} HVGs (seurat_v3, no batch key), no batch key in the models, "
@@ -477,6 +504,7 @@ def main(argv=None) -> int:
         "de_repeats": args.de_repeats,
         "top_overlap": ko,
         "top_spearman": ks,
+        "source": source_state(),
         "command": " ".join([Path(sys.executable).as_posix(), *sys.argv]),
         "loadavg_start": load_start,
         "loadavg_end": load_average(),

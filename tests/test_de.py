@@ -125,6 +125,16 @@ def test_raw_statistics_match_direct_computation(trained_model):
     norm = (g1 / g1.sum(1, keepdims=True) * 1e4).mean(0)
     np.testing.assert_allclose(df["raw_normalized_mean1"], norm[idx], rtol=1e-5)
     assert (df["group2"] == "label_1").all()
+    # one-vs-rest derives the rest from the all-cell totals: same figures as a direct pass
+    ova = ss.tl.differential_expression(
+        adata, groupby="labels", group1="label_0", model=trained_model, n_samples=100, inplace=False,
+        progress_bar=False,
+    )  # fmt: skip
+    rest = X[lab != "label_0"]
+    np.testing.assert_allclose(ova["raw_mean2"], rest.mean(0)[adata.var_names.get_indexer(ova.index)], rtol=1e-6)
+    np.testing.assert_allclose(
+        ova["non_zeros_proportion2"], (rest > 0).mean(0)[adata.var_names.get_indexer(ova.index)], rtol=1e-6
+    )
 
 
 def test_vanilla_mode_and_batch_correction(trained_model):

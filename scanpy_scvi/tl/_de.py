@@ -339,7 +339,7 @@ def _run(
         for comp in tqdm(comparisons, desc="DE", unit="comparison", disable=not progress_bar):
             s1 = _sample_scales(model, bound, comp.cells1, codes1, n_samples, rng, batch_size)
             s2 = _sample_scales(model, bound, comp.cells2, codes2, n_samples, rng, batch_size)
-            raw1, raw2 = stats.of(comp.cells1), stats.of(comp.cells2)
+            raw1, raw2 = stats.pair(comp)
             frames.append(
                 _compare(s1, s2, raw1, raw2, model.setup.genes, mode, delta, fdr_target, pseudocounts, comp)
             )
@@ -438,22 +438,39 @@ def _paired(s1: list[np.ndarray], s2: list[np.ndarray]) -> tuple[np.ndarray, np.
 
 # -- raw statistics -------------------------------------------------------------------------------------------
 class _RawStats:
-    """Per-cell raw count summaries over the model genes, aggregated for any set of cells."""
+    """Raw count summaries over the model genes for the groups of a comparison; a 'rest' group
+    is derived from the all-cell totals, so one-vs-rest does not re-read the other cells."""
 
     def __init__(self, bound: BoundData):
         self.bound = bound
+        self._all: np.ndarray | None = None
 
-    def of(self, cells: np.ndarray, chunk: int = 4096) -> dict[str, np.ndarray]:
-        G = self.bound.source.n_vars
-        total, nonzero, normalized = np.zeros(G), np.zeros(G), np.zeros(G)
+    def _sums(self, cells: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """(3, genes): summed counts, nonzero indicators and counts scaled to 1e4 per cell."""
+        sums = np.zeros((3, self.bound.source.n_vars))
         for start in range(0, len(cells), chunk):
             rows = cells[start : start + chunk]
             X = self.bound.source.get(rows)["X"].numpy().astype(np.float64)
-            total += X.sum(0)
-            nonzero += (X > 0).sum(0)
-            normalized += (X * (1e4 / self.bound.library[rows])[:, None]).sum(0)
-        n = len(cells)
-        return {"raw_mean": total / n, "non_zeros_proportion": nonzero / n, "raw_normalized_mean": normalized / n}
+            sums[0] += X.sum(0)
+            sums[1] += (X > 0).sum(0)
+            sums[2] += (X * (1e4 / self.bound.library[rows])[:, None]).sum(0)
+        return sums
+
+    def total(self) -> np.ndarray:
+        if self._all is None:
+            self._all = self._sums(np.arange(self.bound.n_obs))
+        return self._all
+
+    def pair(self, comp: _Comparison) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Means for both groups of a comparison."""
+        sums1 = self._sums(comp.cells1)
+        is_rest = comp.label2 == REST and len(comp.cells1) + len(comp.cells2) == self.bound.n_obs
+        sums2 = self.total() - sums1 if is_rest else self._sums(comp.cells2)
+        return _means(sums1, len(comp.cells1)), _means(sums2, len(comp.cells2))
+
+
+def _means(sums: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    return {"raw_mean": sums[0] / n, "non_zeros_proportion": sums[1] / n, "raw_normalized_mean": sums[2] / n}
 
 
 # -- tests --------------------------------------------------------------------------------------------------
