@@ -166,10 +166,13 @@ class DataSetup:
     def _codes(self, adata: AnnData, key: str | None, categories: list[str], arg: str) -> np.ndarray:
         if key is None:
             return np.zeros(adata.n_obs, dtype=np.int64)
-        as_str = _categorical_obs(adata, key, arg).astype(str).to_numpy()
-        codes = pd.Index(categories).get_indexer(as_str)
-        if np.any(codes < 0):
-            unknown = sorted(set(as_str[codes < 0]))
+        values = _categorical_obs(adata, key, arg)
+        # map the (few) distinct values, then broadcast through integer codes: no per-cell strings
+        value_codes, uniques = pd.factorize(values)
+        lookup = pd.Index(categories).get_indexer(np.asarray(uniques).astype(str))
+        codes = lookup[value_codes]
+        if np.any(lookup < 0):
+            unknown = sorted(np.asarray(uniques).astype(str)[lookup < 0])
             msg = (
                 f"obs[{key!r}] ({arg}) contains categories the model does not know: {unknown[:10]}. "
                 f"Known categories: {categories}. Map these cells to a known category, or map them "
