@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_scvi_tools import fmt, load_average, machine_info  # noqa: E402  (same folder)
+from compare_scvi_tools import fmt, load_average, machine_info, read_with_hvgs  # noqa: E402  (same folder)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = REPO_ROOT.parent / "shared" / "data" / "kang2018_ifnb_pbmc_2k.h5ad"
@@ -91,26 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 # -- data ----------------------------------------------------------------------------------------------
 def prepare_data(args):
     """Read and pick HVGs on all cells (no batch key). Returns (path, adata, hvg list)."""
-    import anndata as ad
-    import scanpy as sc
-
-    path = args.dataset.expanduser().resolve()
-    if not path.is_file():
-        sys.exit(f"dataset not found: {path}")
-    adata = ad.read_h5ad(path)
-    for key in (CONDITION_KEY, LABEL_KEY):
-        if key not in adata.obs:
-            sys.exit(f"{path} has no obs[{key!r}]")
-    adata.obs[CONDITION_KEY] = adata.obs[CONDITION_KEY].astype(str).astype("category")
-    adata.obs[LABEL_KEY] = adata.obs[LABEL_KEY].astype(str).astype("category")
-    n_top = min(args.n_top_genes, adata.n_vars)
-    hv = sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top, inplace=False, subset=False)
-    mask = np.asarray(hv["highly_variable"], dtype=bool)
-    genes = list(adata.var_names[mask])  # original var order, used by both systems
-    return path, adata, genes
+    return read_with_hvgs(args.dataset, (CONDITION_KEY, LABEL_KEY), args.n_top_genes, None)
 
 
-# -- training --------------------------------------------------------------------------------------------
 def train_scvi_tools(args, adata, genes):
     import scvi
     import torch

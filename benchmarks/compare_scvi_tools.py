@@ -150,26 +150,33 @@ def machine_info(threads: int) -> dict:
 
 
 # -- data ----------------------------------------------------------------------------------------------
-def prepare_data(args):
-    """Read, pick HVGs on all cells, split once. Returns (adata, hvg list, train idx, held-out idx)."""
+def read_with_hvgs(dataset: Path, keys: tuple[str, ...], n_top_genes: int, batch_key: str | None):
+    """Read the dataset, make ``keys`` categorical, pick seurat_v3 HVGs on all cells once.
+
+    Returns (resolved path, adata, HVG names in the original var order, used by both systems).
+    """
     import anndata as ad
     import scanpy as sc
 
-    path = args.dataset.expanduser().resolve()
+    path = dataset.expanduser().resolve()
     if not path.is_file():
         sys.exit(f"dataset not found: {path}")
     adata = ad.read_h5ad(path)
-    for key in (BATCH_KEY, LABEL_KEY):
+    for key in keys:
         if key not in adata.obs:
             sys.exit(f"{path} has no obs[{key!r}]")
-    adata.obs[BATCH_KEY] = adata.obs[BATCH_KEY].astype(str).astype("category")
-    adata.obs[LABEL_KEY] = adata.obs[LABEL_KEY].astype(str).astype("category")
-    n_top = min(args.n_top_genes, adata.n_vars)
+        adata.obs[key] = adata.obs[key].astype(str).astype("category")
+    n_top = min(n_top_genes, adata.n_vars)
     hv = sc.pp.highly_variable_genes(
-        adata, flavor="seurat_v3", n_top_genes=n_top, batch_key=BATCH_KEY, inplace=False, subset=False
+        adata, flavor="seurat_v3", n_top_genes=n_top, batch_key=batch_key, inplace=False, subset=False
     )
-    mask = np.asarray(hv["highly_variable"], dtype=bool)
-    genes = list(adata.var_names[mask])  # original var order, used by both systems
+    genes = list(adata.var_names[np.asarray(hv["highly_variable"], dtype=bool)])
+    return path, adata, genes
+
+
+def prepare_data(args):
+    """Read, pick HVGs on all cells, split once. Returns (path, adata, hvg list, train idx, held-out idx)."""
+    path, adata, genes = read_with_hvgs(args.dataset, (BATCH_KEY, LABEL_KEY), args.n_top_genes, BATCH_KEY)
     rng = np.random.default_rng(args.seed)
     perm = rng.permutation(adata.n_obs)
     n_held = max(1, int(round(args.heldout * adata.n_obs)))
