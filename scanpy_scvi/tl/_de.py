@@ -65,10 +65,17 @@ def differential_expression(
 
     ``mode='change'`` (default) estimates the posterior of the log2 fold change (LFC) of
     normalised expression, ``log2(s1 + pc) - log2(s2 + pc)``, and calls a gene DE when the
-    posterior probability that ``|LFC| >= delta`` (``proba_de``) is high; the genes flagged in
+    posterior probability that ``abs(LFC) >= delta`` (``proba_de``) is high; the genes flagged in
     ``is_de_fdr_<fdr_target>`` control the posterior expected false discovery rate.
     ``mode='vanilla'`` computes the Bayes factor of ``s1 > s2`` against ``s1 <= s2``.
     These are posterior probabilities, not p-values: none are computed.
+
+    With ``inplace=True`` (default), ``adata.uns[key_added]`` holds ``names``, ``scores``
+    (``proba_de``, or ``bayes_factor`` in vanilla mode), ``logfoldchanges`` (``lfc_median``)
+    and every column listed under Returns as record arrays with one field per ``group1``,
+    ranked by score, plus ``params``. ``pvals`` and ``pvals_adj`` are present only so that
+    scanpy's readers work, and are NaN. ``sc.get.rank_genes_groups_df(adata, group,
+    key=key_added)`` and ``sc.pl.rank_genes_groups_dotplot(adata, key=key_added)`` read it.
 
     Parameters
     ----------
@@ -128,7 +135,7 @@ def differential_expression(
     gene, with columns:
 
     ``proba_de``, ``proba_not_de``
-        Posterior probability that ``|LFC| >= delta`` (the larger of the up and down
+        Posterior probability that ``abs(LFC) >= delta`` (the larger of the up and down
         probabilities), and one minus it (change mode).
     ``proba_m1``, ``proba_m2``
         Posterior probability that ``s1 > s2`` and its complement (vanilla mode).
@@ -152,12 +159,6 @@ def differential_expression(
     ``comparison``, ``group1``, ``group2``
         ``'<group1> vs <group2>'`` and the two labels.
 
-    With ``inplace=True``, ``adata.uns[key_added]`` holds ``names``, ``scores`` (``proba_de``,
-    or ``bayes_factor`` in vanilla mode), ``logfoldchanges`` (``lfc_median``) and every
-    column above as record arrays with one field per ``group1``, ranked by score, plus
-    ``params``. ``pvals`` and ``pvals_adj`` are present only so that scanpy's readers work,
-    and are NaN: this test has no p-values. ``sc.get.rank_genes_groups_df(adata, group,
-    key=key_added)`` and ``sc.pl.rank_genes_groups_dotplot(adata, key=key_added)`` read it.
     """
     _check_test_args(mode, delta, fdr_target, n_samples)
     model = resolve_model(adata, model, model_key)
