@@ -228,6 +228,24 @@ def timed_latent(fn, repeats: int = 3) -> tuple[float, np.ndarray]:
 
 
 # -- the two systems -----------------------------------------------------------------------------------
+def train_summary(history: dict, seconds: float, cpu_seconds: float, threads: list[int]) -> dict:
+    """Training figures from a history in scvi-tools' form (one single-column DataFrame per
+    metric), which both systems' ``model.history`` return."""
+
+    def last(key: str) -> float:
+        return float(history[key].iloc[-1, 0])
+
+    return {
+        "train_seconds": seconds,
+        "train_cpu_seconds": cpu_seconds,
+        "threads_during_train": threads,
+        "epochs_run": len(history["elbo_train"]),
+        "train_elbo_last_epoch": -last("elbo_train"),
+        "train_reconstruction_last_epoch": last("reconstruction_loss_train"),
+        "train_kl_last_epoch": last("kl_local_train"),
+    }
+
+
 def run_scvi_tools(args, adata, genes, train_idx, held_idx) -> dict:
     import scvi
     import torch
@@ -254,16 +272,7 @@ def run_scvi_tools(args, adata, genes, train_idx, held_idx) -> dict:
     train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     threads_after = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    hist = model.history
-    res = {
-        "train_seconds": train_s,
-        "train_cpu_seconds": train_cpu,
-        "threads_during_train": [threads_before, threads_after],
-        "epochs_run": len(hist["elbo_train"]),
-        "train_elbo_last_epoch": -float(hist["elbo_train"].iloc[-1, 0]),
-        "train_reconstruction_last_epoch": float(hist["reconstruction_loss_train"].iloc[-1, 0]),
-        "train_kl_last_epoch": float(hist["kl_local_train"].iloc[-1, 0]),
-    }
+    res = train_summary(model.history, train_s, train_cpu, [threads_before, threads_after])
     # Held-out cells, evaluated through the full HVG AnnData (setup transferred by scvi-tools).
     held = full[held_idx].copy()
     res.update(evaluate(args, model, held))
@@ -292,16 +301,7 @@ def run_ours(args, adata, genes, train_idx, held_idx) -> dict:
     train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     threads_after = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    hist = model.history_
-    res = {
-        "train_seconds": train_s,
-        "train_cpu_seconds": train_cpu,
-        "threads_during_train": [threads_before, threads_after],
-        "epochs_run": len(hist["elbo_train"]),
-        "train_elbo_last_epoch": -float(hist["elbo_train"][-1]),
-        "train_reconstruction_last_epoch": float(hist["reconstruction_loss_train"][-1]),
-        "train_kl_last_epoch": float(hist["kl_local_train"][-1]),
-    }
+    res = train_summary(model.history, train_s, train_cpu, [threads_before, threads_after])
     held = adata[held_idx].copy()
     res.update(evaluate(args, model, held))
     res["latent_seconds"], res["latent"] = timed_latent(lambda: model.get_latent_representation(adata=adata))

@@ -377,6 +377,17 @@ class SCVI:
         softmax(z) over ``mc_samples`` draws, as in scvi-tools.
         """
         bound, idx = self._select(adata, indices)
+        return self._latent(bound, idx, give_mean, mc_samples, batch_size, return_dist)
+
+    def _latent(
+        self,
+        bound: BoundData,
+        idx: np.ndarray,
+        give_mean: bool = True,
+        mc_samples: int = 5000,
+        batch_size: int | None = None,
+        return_dist: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         n = len(idx)
         k = self.module.n_latent
         out = np.empty((n, k), dtype=np.float32)
@@ -603,8 +614,8 @@ class SCVI:
     # -- model fit -------------------------------------------------------------------------------
     def _loss_sums(self, adata, indices, batch_size):
         bound, idx = self._select(adata, indices)
-        with self._inference():
-            return evaluate(self.module, bound.source, idx, batch_size or DEFAULT_INFERENCE_BATCH, self.device)
+        # evaluate() itself runs in eval mode under inference_mode and restores the mode
+        return evaluate(self.module, bound.source, idx, batch_size or DEFAULT_INFERENCE_BATCH, self.device)
 
     def get_elbo(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None) -> float:
         """ELBO averaged over cells (higher is better), from one posterior sample per cell.
@@ -678,9 +689,8 @@ class SCVI:
             msg = "The model has no batch_key, so there are no batches to mix."
             raise ValueError(msg)
         bound, idx = self._select(adata, indices)
-        latent = self.get_latent_representation(adata, idx)
         return entropy_batch_mixing(
-            latent, bound.source.obs["batch"][idx], n_neighbors=n_neighbors, n_pools=n_pools,
+            self._latent(bound, idx), bound.source.obs["batch"][idx], n_neighbors=n_neighbors, n_pools=n_pools,
             n_samples_per_pool=n_samples_per_pool, random_state=random_state,
         )  # fmt: skip
 
@@ -691,9 +701,9 @@ class SCVI:
         default the model's), averaged within each label and then over labels; 1 is pure."""
         from ._metrics import knn_purity
 
-        _, idx = self._select(adata, indices)
+        bound, idx = self._select(adata, indices)
         labels = self._obs_labels(adata, idx, labels_key)
-        return knn_purity(self.get_latent_representation(adata, idx), labels, n_neighbors=n_neighbors)
+        return knn_purity(self._latent(bound, idx), labels, n_neighbors=n_neighbors)
 
     def clustering_scores(
         self, adata: AnnData | None = None, indices=None, *, labels_key: str | None = None, random_state: int | None = 0
@@ -702,9 +712,9 @@ class SCVI:
         labels, and the ``silhouette`` of the labels in the latent space."""
         from ._metrics import clustering_scores
 
-        _, idx = self._select(adata, indices)
+        bound, idx = self._select(adata, indices)
         labels = self._obs_labels(adata, idx, labels_key)
-        return clustering_scores(self.get_latent_representation(adata, idx), labels, random_state=random_state)
+        return clustering_scores(self._latent(bound, idx), labels, random_state=random_state)
 
     def get_feature_correlation_matrix(
         self,
