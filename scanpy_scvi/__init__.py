@@ -5,11 +5,11 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from . import datasets, pl, pp, tl
-from .model import SCVI
+from .model import SCANVI, SCVI
 
 try:
     __version__ = version("scanpy-scvi")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["SCVI", "datasets", "pl", "pp", "tl", "__version__"]
+__all__ = ["SCANVI", "SCVI", "datasets", "pl", "pp", "tl", "__version__"]

@@ -39,28 +39,48 @@ class MinibatchSource:
     obs
         Per-cell arrays (``batch``, ``labels``, and optionally ``cat_covs``, ``cont_covs``,
         ``size_factor``), aligned with the rows of ``X``.
+    n_vars
+        Number of model genes (default: the number of columns read).
+    positions
+        Model columns that the read columns fill, when some model genes are absent from
+        ``X`` (a mapped query); the absent genes read as zero counts.
     """
 
-    def __init__(self, X, gene_idx: np.ndarray | None, obs: dict[str, np.ndarray]):
+    def __init__(
+        self,
+        X,
+        gene_idx: np.ndarray | None,
+        obs: dict[str, np.ndarray],
+        *,
+        n_vars: int | None = None,
+        positions: np.ndarray | None = None,
+    ):
         self.X = X
         self.gene_idx = gene_idx
         self.obs = obs
         self.n_obs = X.shape[0]
+        self.positions = positions
+        n_read = X.shape[1] if gene_idx is None else len(gene_idx)
+        self.n_vars = n_read if n_vars is None else n_vars
         self._backed = not isinstance(X, np.ndarray) and not sp.issparse(X)
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        block = dense_rows(self.X, rows, self.gene_idx)
+        if self.positions is None:
+            return block
+        padded = np.zeros((len(rows), self.n_vars), dtype=np.float32)
+        padded[:, self.positions] = block
+        return padded
 
     def get(self, idx: np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         idx = np.asarray(idx)
         if self._backed and np.any(np.diff(idx) < 0):
             order = np.argsort(idx, kind="stable")
             X = np.empty((len(idx), self.n_vars), dtype=np.float32)
-            X[order] = dense_rows(self.X, idx[order], self.gene_idx)
+            X[order] = self._read(idx[order])
         else:
-            X = dense_rows(self.X, idx, self.gene_idx)
+            X = self._read(idx)
         out = {"X": torch.from_numpy(X)}
         for key, values in self.obs.items():
             out[key] = torch.from_numpy(np.ascontiguousarray(values[idx]))
         return {k: v.to(device, non_blocking=True) for k, v in out.items()}
-
-    @property
-    def n_vars(self) -> int:
-        return self.X.shape[1] if self.gene_idx is None else len(self.gene_idx)

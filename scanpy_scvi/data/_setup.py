@@ -38,6 +38,10 @@ class DataSetup:
     continuous_covariate_keys: list[str] = field(default_factory=list)
     size_factor_key: str | None = None
     check_counts: bool = True
+    # scANVI: this label value (or a missing labels column) marks an unlabelled cell, code n_labels
+    unlabeled_category: str | None = None
+    # reference mapping: the fraction of model genes an AnnData may lack (zero-padded)
+    max_missing_genes: float = 0.0
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -117,7 +121,7 @@ class DataSetup:
         gene_idx = self._gene_index(adata)
         obs: dict[str, np.ndarray] = {
             "batch": self._codes(adata, self.batch_key, self.batch_categories, "batch_key"),
-            "labels": self._codes(adata, self.labels_key, self.label_categories, "labels_key"),
+            "labels": self._label_codes(adata),
         }
         if self.categorical_covariate_keys:
             obs["cat_covs"] = np.stack(
@@ -138,13 +142,22 @@ class DataSetup:
                 raise ValueError(msg)
             obs["size_factor"] = sf[:, None]
         X = adata.layers[self.layer] if self.layer is not None else adata.X
+        present = gene_idx >= 0
+        positions = None if present.all() else np.flatnonzero(present)  # model columns that exist
+        gene_idx = gene_idx[present]
         if sp.issparse(X) and X.format == "csc":
             X = X[:, gene_idx].tocsr()  # row access on CSC is slow; keep only the model genes
             gene_idx = None
-        elif gene_idx is not None and np.array_equal(gene_idx, np.arange(X.shape[1])):
+        elif np.array_equal(gene_idx, np.arange(X.shape[1])):
             gene_idx = None
         library = _check_counts_and_library(X, gene_idx, self.check_counts, self.layer)
-        return BoundData(MinibatchSource(X, gene_idx, obs), library)
+        source = MinibatchSource(X, gene_idx, obs, n_vars=len(self.genes), positions=positions)
+        return BoundData(source, library)
+
+    def missing_genes(self, adata: AnnData) -> list[str]:
+        """The model genes that ``adata`` lacks."""
+        have = set(adata.var_names.astype(str))
+        return [g for g in self.genes if g not in have]
 
     def _gene_index(self, adata: AnnData) -> np.ndarray:
         pos = pd.Index(adata.var_names.astype(str))
@@ -153,6 +166,15 @@ class DataSetup:
             raise ValueError(msg)
         idx = pos.get_indexer(self.genes)
         missing = [g for g, i in zip(self.genes, idx) if i < 0]
+        if len(missing) == len(self.genes):
+            msg = (
+                f"adata shares none of the model's {len(self.genes)} genes (e.g. {self.genes[:3]}; adata has "
+                f"{list(adata.var_names[:3])}). Check that both use the same gene identifiers (symbols vs "
+                "Ensembl IDs) and the same species."
+            )
+            raise ValueError(msg)
+        if missing and len(missing) <= self.max_missing_genes * len(self.genes):
+            return idx  # -1 marks a gene that is read as zero counts
         if missing:
             shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
             msg = (
@@ -162,6 +184,14 @@ class DataSetup:
             )
             raise ValueError(msg)
         return idx
+
+    def _label_codes(self, adata: AnnData) -> np.ndarray:
+        """Label codes; for scANVI the unlabelled category (or a missing column) maps to n_labels."""
+        if self.unlabeled_category is None:
+            return self._codes(adata, self.labels_key, self.label_categories, "labels_key")
+        if self.labels_key is None or self.labels_key not in adata.obs.columns:
+            return np.full(adata.n_obs, self.n_labels, dtype=np.int64)
+        return self._codes(adata, self.labels_key, [*self.label_categories, self.unlabeled_category], "labels_key")
 
     def _codes(self, adata: AnnData, key: str | None, categories: list[str], arg: str) -> np.ndarray:
         if key is None:

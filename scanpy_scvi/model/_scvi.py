@@ -136,9 +136,13 @@ class SCVI:
             size_factor_key=size_factor_key,
             check_counts=check_counts,
         )
+        self._init_on(adata, setup, module_kwargs, random_state=random_state)
+
+    def _init_on(self, adata: AnnData, setup: DataSetup, module_kwargs: dict[str, Any], *, random_state) -> None:
+        """Check ``adata`` against ``setup``, build the module and attach the data."""
         bound = setup.bind(adata)
         if bound.n_obs < 3:
-            msg = f"scVI needs at least 3 cells to train; adata has {bound.n_obs}."
+            msg = f"{self._kind} needs at least 3 cells to train; adata has {bound.n_obs}."
             raise ValueError(msg)
         self._build(setup, module_kwargs, random_state=random_state)
         self.adata, self._bound = adata, bound
@@ -149,7 +153,7 @@ class SCVI:
         self.setup = setup
         self.module_kwargs = dict(module_kwargs)
         with _seeded(random_state, torch.device("cpu")):
-            self.module = VAE(
+            self.module = self._module_class(
                 len(setup.genes),
                 n_batch=setup.n_batch,
                 n_labels=setup.n_labels,
@@ -163,6 +167,7 @@ class SCVI:
         self.history_: dict[str, list[float]] = {}
         self.train_config: dict[str, Any] = {}
         self.is_trained = False
+        self._grad_masks: dict[str, torch.Tensor] | None = None  # set by reference mapping
         self.train_indices = self.validation_indices = np.arange(0)
         self.adata: AnnData | None = None
         self._bound: BoundData | None = None
@@ -206,6 +211,7 @@ class SCVI:
         device: str | torch.device = "auto",
         random_state: int | None = 0,
         progress_bar: bool = True,
+        loop_settings: dict[str, Any] | None = None,
     ) -> None:
         """Train with Adam and a linear KL warm-up (the scvi-tools training plan).
 
@@ -234,21 +240,21 @@ class SCVI:
             on CPU. The global torch RNG state is left as it was.
         progress_bar
             Show a per-epoch tqdm bar with the ELBO.
+        loop_settings
+            Further :class:`~scanpy_scvi.train._loop.TrainConfig` fields (used by subclasses).
         """
         bound = self._require_data()
         n = bound.n_obs
         if max_epochs is None:
-            max_epochs = max(1, min(400, round(20000 / n * 400)))
+            max_epochs = self._default_epochs(n)
         _check_positive_int(max_epochs=max_epochs, batch_size=batch_size)
         if not 0 < train_size <= 1:
             msg = f"train_size must be in (0, 1], got {train_size}."
             raise ValueError(msg)
-        n_train = math.ceil(train_size * n)
-        if n_train < 3:
-            msg = f"train_size={train_size} leaves {n_train} training cells; at least 3 are needed."
+        train_idx, val_idx = self._split(bound, train_size, random_state)
+        if len(train_idx) < 3:
+            msg = f"train_size={train_size} leaves {len(train_idx)} training cells; at least 3 are needed."
             raise ValueError(msg)
-        perm = np.random.default_rng(random_state).permutation(n)
-        val_idx, train_idx = np.sort(perm[: n - n_train]), np.sort(perm[n - n_train :])
         config = TrainConfig(
             max_epochs=max_epochs,
             lr=lr,
@@ -261,9 +267,12 @@ class SCVI:
             early_stopping=early_stopping,
             early_stopping_patience=early_stopping_patience,
             early_stopping_min_delta=early_stopping_min_delta,
+            **(loop_settings or {}),
         )
         self.to_device(device)
-        logg.info(f"training scVI on {n_train} cells ({len(val_idx)} held out) for {max_epochs} epochs on {self.device}")
+        logg.info(
+            f"training {self._kind} on {len(train_idx)} cells ({len(val_idx)} held out) for {max_epochs} epochs on {self.device}"
+        )
         with _seeded(random_state, self.device):
             history, best_epoch = train_vae(
                 self.module,
@@ -274,6 +283,9 @@ class SCVI:
                 device=self.device,
                 seed=random_state,
                 progress_bar=progress_bar,
+                grad_masks=self._grad_masks,
+                desc=f"Training {self._kind}",
+                **self._loop_inputs(bound, train_idx),
             )
         self.history_ = history
         self.train_config = {**vars(config), "train_size": train_size, "random_state": random_state}
@@ -281,6 +293,24 @@ class SCVI:
             self.train_config["best_epoch"] = best_epoch
         self.train_indices, self.validation_indices = train_idx, val_idx
         self.is_trained = True
+
+    _kind = "scVI"  # the model's name in messages
+    _module_class = VAE
+
+    def _default_epochs(self, n_obs: int) -> int:
+        """scvi-tools' heuristic: 400 epochs up to 20k cells, fewer above."""
+        return max(1, min(400, round(20000 / n_obs * 400)))
+
+    def _split(self, bound: BoundData, train_size: float, random_state: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted (train, validation) positions: a seeded permutation, ceil(train_size * n) to train."""
+        n = bound.n_obs
+        n_train = math.ceil(train_size * n)
+        perm = np.random.default_rng(random_state).permutation(n)
+        return np.sort(perm[n - n_train :]), np.sort(perm[: n - n_train])
+
+    def _loop_inputs(self, bound: BoundData, train_idx: np.ndarray) -> dict[str, Any]:
+        """Extra inputs of the training loop (scANVI: its labelled cells)."""
+        return {}
 
     @property
     def history(self) -> dict[str, pd.DataFrame]:
@@ -834,9 +864,11 @@ class SCVI:
     def _from_payload(
         cls, config: dict[str, Any], state: dict[str, torch.Tensor], *, adata, device, source: str
     ) -> SCVI:
-        if config.get("model_class") != cls.__name__:
+        known = {c.__name__: c for c in (cls, *cls.__subclasses__())}  # SCVI.load also reads SCANVI
+        if config.get("model_class") not in known:
             msg = f"{source} holds a {config.get('model_class')!r} model, not {cls.__name__}."
             raise ValueError(msg)
+        cls = known[config["model_class"]]
         try:
             setup = DataSetup.from_dict(config["setup"])
             model = cls.__new__(cls)

@@ -1,5 +1,6 @@
-"""Preprocessing: fit a model and write its representation (``pp.scvi``)."""
+"""Preprocessing: fit a model and write its representation (``pp.scvi``, ``pp.scanvi``)."""
 
-from ._scvi import scvi
+from ._scanvi import scanvi
+from ._scvi import REFERENCE_MAPPING, scvi
 
-__all__ = ["scvi"]
+__all__ = ["REFERENCE_MAPPING", "scanvi", "scvi"]

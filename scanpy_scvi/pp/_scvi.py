@@ -17,8 +17,20 @@ if TYPE_CHECKING:
 
     from ..model import SCVI
 
-# Settings reachable only through the historical kwargs dicts (the rest are explicit arguments).
-MODEL_KWARGS = ("encode_covariates", "deeply_inject_covariates", "use_batch_norm", "use_layer_norm")
+# The scArches recipe for a reference that queries will be mapped onto (``tl.map_query``):
+# covariates enter the encoder (so a query's batch can move its latent), layer norm instead of
+# batch norm, more dropout, two layers. Use as ``pp.scvi(adata, batch_key=..., **REFERENCE_MAPPING)``.
+REFERENCE_MAPPING: dict[str, Any] = {
+    "encode_covariates": True,
+    "use_batch_norm": "none",
+    "use_layer_norm": "both",
+    "dropout_rate": 0.2,
+    "n_layers": 2,
+}
+
+# Settings reachable through the historical kwargs dicts (the first three are also arguments).
+MODEL_KWARGS = ("encode_covariates", "use_batch_norm", "use_layer_norm", "deeply_inject_covariates")
+ARCH_DEFAULTS = {"encode_covariates": False, "use_batch_norm": "both", "use_layer_norm": "none"}
 TRAINER_KWARGS = (
     "weight_decay",
     "eps",
@@ -59,6 +71,9 @@ def scvi(
     latent_distribution: Literal["normal", "ln"] = "normal",
     dropout_rate: float = 0.1,
     use_observed_lib_size: bool | None = None,
+    encode_covariates: bool = False,
+    use_batch_norm: Literal["encoder", "decoder", "both", "none"] = "both",
+    use_layer_norm: Literal["encoder", "decoder", "both", "none"] = "none",
     batch_size: int = 128,
     early_stopping: bool = False,
     check_counts: bool = True,
@@ -112,8 +127,8 @@ def scvi(
         ``n_epochs_kl_warmup`` (400), ``min_kl_weight`` (0), ``max_kl_weight`` (1),
         ``early_stopping_patience`` (45), ``early_stopping_min_delta`` (0).
     model_kwargs
-        Further model settings: ``encode_covariates`` (False), ``deeply_inject_covariates``
-        (True), ``use_batch_norm`` (``'both'``), ``use_layer_norm`` (``'none'``).
+        Further model settings: ``deeply_inject_covariates`` (True), and (as in older
+        versions) ``encode_covariates``, ``use_batch_norm``, ``use_layer_norm``.
     layer
         Layer with the raw counts; default ``X``.
     labels_key
@@ -132,6 +147,12 @@ def scvi(
     use_observed_lib_size
         Library = log total counts (default for scVI), or learned with a per-batch
         log-normal prior (``False``; default for LDVAE).
+    encode_covariates
+        Feed the batch (and covariates) to the encoder too. Needed for a reference that
+        queries will be mapped onto (:func:`scanpy_scvi.tl.map_query`); the whole scArches
+        recipe is ``**scanpy_scvi.pp.REFERENCE_MAPPING``.
+    use_batch_norm, use_layer_norm
+        Where to normalise hidden layers: ``'encoder'``, ``'decoder'``, ``'both'`` or ``'none'``.
     batch_size
         Cells per minibatch.
     early_stopping
@@ -193,7 +214,12 @@ def scvi(
     if not isinstance(key_added, str) or not key_added:
         msg = f"key_added must be a non-empty string, got {key_added!r}."
         raise TypeError(msg)
-    extra_model = _check_kwargs(model_kwargs, MODEL_KWARGS, "model_kwargs")
+    extra_model = _merge_arch(
+        _check_kwargs(model_kwargs, MODEL_KWARGS, "model_kwargs"),
+        encode_covariates=encode_covariates,
+        use_batch_norm=use_batch_norm,
+        use_layer_norm=use_layer_norm,
+    )
     extra_train = _check_kwargs(trainer_kwargs, TRAINER_KWARGS, "trainer_kwargs")
     genes = _select_genes(adata, use_highly_variable_genes, subset_genes)
     if expression:
@@ -324,6 +350,15 @@ def _check_expression_fits(n_obs: int, n_genes: int) -> None:
             "chunks, with `model.get_normalized_expression(indices=...)`), or use fewer genes."
         )
         raise ValueError(msg)
+
+
+def _merge_arch(from_kwargs: dict[str, Any], **explicit) -> dict[str, Any]:
+    """Explicit architecture arguments, with the historical ``model_kwargs`` spelling allowed."""
+    for k, v in explicit.items():
+        if k in from_kwargs and v != ARCH_DEFAULTS[k] and from_kwargs[k] != v:
+            msg = f"{k} is given twice with different values ({v!r} and model_kwargs[{k!r}]={from_kwargs[k]!r})."
+            raise ValueError(msg)
+    return {**explicit, **from_kwargs}
 
 
 def _check_kwargs(kwargs: Mapping[str, Any] | None, allowed: Sequence[str], name: str) -> dict[str, Any]:

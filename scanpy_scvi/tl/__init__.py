@@ -1,6 +1,7 @@
-"""Tools that work on a fitted model: differential expression and batch-corrected counts."""
+"""Tools that work on a fitted model: differential expression, batch-corrected counts, reference mapping."""
 
 from ._counts import batch_corrected_counts
 from ._de import differential_expression, within_cluster_differential_expression
+from ._surgery import map_query
 
-__all__ = ["batch_corrected_counts", "differential_expression", "within_cluster_differential_expression"]
+__all__ = ["batch_corrected_counts", "differential_expression", "map_query", "within_cluster_differential_expression"]

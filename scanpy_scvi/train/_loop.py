@@ -30,6 +30,7 @@ class TrainConfig:
     early_stopping: bool = False
     early_stopping_patience: int = 45
     early_stopping_min_delta: float = 0.0
+    classification_ratio: float = 50.0  # scANVI only: weight of the labelled cross-entropy
 
     def kl_weight(self, epoch: int) -> float:
         """Linear warm-up from ``min_kl_weight`` to ``max_kl_weight``, constant within an epoch."""
@@ -61,6 +62,9 @@ def train_vae(
     device: torch.device,
     seed: int | None,
     progress_bar: bool = True,
+    labelled_idx: np.ndarray | None = None,
+    grad_masks: dict[str, torch.Tensor] | None = None,
+    desc: str = "Training scVI",
 ) -> tuple[dict[str, list[float]], int | None]:
     """Train ``module`` in place; return the per-epoch history and the restored best epoch.
 
@@ -69,24 +73,46 @@ def train_vae(
     ``train_loss`` (the warm-up weighted objective). With early stopping the weights of the
     best epoch (by ``elbo_validation``, or ``elbo_train`` without a validation set) are
     restored at the end.
+
+    A semi-supervised module (scANVI) also gets, with every minibatch, a minibatch of the
+    labelled cells ``labelled_idx`` (cycled, reshuffled on every pass), and the history gains
+    ``classification_loss_*`` and ``accuracy_*``.
+
+    ``grad_masks`` (parameter name -> boolean mask of trainable entries) freezes parts of
+    parameters (reference mapping): masked-out entries get exactly zero gradient and no
+    weight decay, so Adam leaves them bit-identical. Parameters with ``requires_grad=False``
+    are not optimised at all.
     """
     module.to(device)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = _adam(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay)
+    grad_masks = {k: m.to(device) for k, m in (grad_masks or {}).items()}
+    named = [(k, p) for k, p in module.named_parameters() if p.requires_grad]
+    masked = [(p, grad_masks[k]) for k, p in named if k in grad_masks]
+    groups = [{"params": [p for k, p in named if k not in grad_masks], "weight_decay": config.weight_decay}]
+    if masked:  # their L2 term is added to the masked gradient by hand, below
+        groups.append({"params": [p for p, _ in masked], "weight_decay": 0.0})
+    optimizer = _adam([g for g in groups if g["params"]], lr=config.lr, eps=config.eps)
     shuffle_rng = np.random.default_rng(seed)
+    semi = getattr(module, "is_semisupervised", False)
+    labelled_stream = _cycle(labelled_idx, config.batch_size, shuffle_rng) if semi and labelled_idx is not None and len(labelled_idx) else None
     history: dict[str, list[float]] = {}
     monitor = "elbo_validation" if len(val_idx) else "elbo_train"
     best, best_state, best_epoch, since_best = math.inf, None, -1, 0
 
-    bar = tqdm(range(config.max_epochs), desc="Training scVI", unit="epoch", disable=not progress_bar)
+    bar = tqdm(range(config.max_epochs), desc=desc, unit="epoch", disable=not progress_bar)
     for epoch in bar:
         kl_weight = config.kl_weight(epoch)
         module.train()
         sums = _Sums()
         for idx in minibatches(shuffle_rng.permutation(train_idx), config.batch_size):
-            out = module.loss(source.get(idx, device), kl_weight=kl_weight)
+            extra = {}
+            if labelled_stream is not None:
+                extra = {"labelled": source.get(next(labelled_stream), device), "classification_ratio": config.classification_ratio}
+            out = module.loss(source.get(idx, device), kl_weight=kl_weight, **extra)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
+            for p, mask in masked:
+                if p.grad is not None:
+                    p.grad.add_(p.detach(), alpha=config.weight_decay).masked_fill_(~mask, 0.0)
             optimizer.step()
             sums.add(out)
         metrics = {**sums.metrics("train"), "kl_weight": kl_weight}
@@ -112,7 +138,13 @@ def train_vae(
     return history, (best_epoch if best_state is not None else None)
 
 
-def _adam(params: list[torch.nn.Parameter], **kwargs) -> torch.optim.Adam:
+def _cycle(idx: np.ndarray, batch_size: int, rng: np.random.Generator):
+    """Endless minibatches of ``idx``, reshuffled on every pass (the labelled stream of scANVI)."""
+    while True:
+        yield from minibatches(rng.permutation(idx), batch_size)
+
+
+def _adam(params, **kwargs) -> torch.optim.Adam:
     """Adam with the fused single-kernel update where this torch supports it (same algorithm)."""
     try:
         return torch.optim.Adam(params, fused=True, **kwargs)
@@ -128,8 +160,11 @@ def evaluate(
     was_training = module.training
     module.eval()
     sums = _Sums()
+    semi = getattr(module, "is_semisupervised", False)
     for start in range(0, len(idx), batch_size):
-        sums.add(module.loss(source.get(idx[start : start + batch_size], device), kl_weight=kl_weight))
+        tensors = source.get(idx[start : start + batch_size], device)
+        extra = {"labelled": tensors} if semi else {}  # known labels among these cells
+        sums.add(module.loss(tensors, kl_weight=kl_weight, **extra))
     module.train(was_training)
     return sums
 
@@ -138,8 +173,9 @@ class _Sums:
     """Accumulates per-cell loss terms over an epoch."""
 
     def __init__(self):
-        self.n = 0
-        self.recon = self.kl = self.loss = 0.0
+        self.n = self.n_labelled = self.n_correct = 0
+        self.recon = self.kl = self.loss = self.ce = 0.0
+        self.semi = False
 
     def add(self, out: dict[str, torch.Tensor]) -> None:
         n = out["reconstruction_loss"].shape[0]
@@ -147,11 +183,20 @@ class _Sums:
         self.recon += out["reconstruction_loss"].sum().item()
         self.kl += (out["kl_z"] + out["kl_l"]).sum().item()
         self.loss += out["loss"].item() * n
+        if "n_labelled" in out:
+            self.semi = True
+            self.n_labelled += out["n_labelled"]
+            self.n_correct += out["n_correct"]
+            self.ce += out["classification_loss"].item() * out["n_labelled"]
 
     def metrics(self, split: str) -> dict[str, float]:
-        return {
+        m = {
             f"elbo_{split}": (self.recon + self.kl) / self.n,
             f"reconstruction_loss_{split}": self.recon / self.n,
             f"kl_local_{split}": self.kl / self.n,
             f"{split}_loss": self.loss / self.n,
         }
+        if self.semi:
+            m[f"classification_loss_{split}"] = self.ce / self.n_labelled if self.n_labelled else math.nan
+            m[f"accuracy_{split}"] = self.n_correct / self.n_labelled if self.n_labelled else math.nan
+        return m

@@ -1,0 +1,266 @@
+"""``tl.map_query``: map a query onto a trained reference model (scArches) and transfer labels."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .._compat import logg
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..model import SCVI
+
+# the scArches recipe trains a query this long (scvi-tutorials); ours defaults to fewer epochs
+DEFAULT_QUERY_EPOCHS = {"SCVI": 200, "SCANVI": 100}
+
+
+def map_query(
+    query: AnnData,
+    reference: SCVI | AnnData | str | os.PathLike,
+    *,
+    batch_key: str | None = None,
+    labels_key: str | None = None,
+    reference_key: str | None = None,
+    max_missing_genes: float = 0.2,
+    max_epochs: int | None = None,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    batch_size: int = 128,
+    train_size: float = 1.0,
+    n_epochs_kl_warmup: int | None = None,
+    freeze_expression: bool = True,
+    freeze_batchnorm_decoder: bool = False,
+    n_neighbors: int = 15,
+    key_added: str | None = None,
+    store_model: bool = True,
+    device: str = "auto",
+    random_state: int | None = 0,
+    progress_bar: bool = True,
+) -> SCVI:
+    """Map ``query`` into the latent space of a trained reference (scArches surgery).
+
+    The reference's weights are frozen; the query's batches become new batch categories whose
+    weights (and the library encoder, and the decoder's batch-norm scale and shift) are the only
+    ones trained. The reference data is not needed (except for kNN label transfer from a scVI
+    reference), and the reference model is not modified.
+
+    Parameters
+    ----------
+    query
+        AnnData with raw counts (``X`` or the reference's ``layer``). Its genes are matched to
+        the reference's by name: extra genes are ignored, missing ones are read as zero counts
+        (a warning says how many). Never modified except for the outputs below.
+    reference
+        A trained :class:`~scanpy_scvi.SCVI` or :class:`~scanpy_scvi.SCANVI`, a directory
+        written by ``model.save``, or an AnnData carrying its model (``pp.scvi`` /
+        ``pp.scanvi`` with ``store_model=True``).
+    batch_key
+        ``obs`` column of the query's batches (default: the reference's ``batch_key``).
+        Batches the reference does not know become new categories; several at once work.
+        Cells of batches the reference knows are embedded with the reference's weights.
+    labels_key
+        For a scVI reference: an ``obs`` column of the *reference* AnnData (``reference`` as
+        an AnnData, or the model's own AnnData) whose labels are transferred to the query by a
+        kNN vote in the latent space. For a scANVI reference its classifier predicts the
+        labels and this must be ``None`` or its ``labels_key``.
+    reference_key
+        With ``reference`` an AnnData: the ``uns`` entry holding the model (default
+        ``'scanvi'`` if present, else ``'scvi'``).
+    max_missing_genes
+        Largest fraction of reference genes the query may lack (zero-padded) before it is an
+        error. Raise it knowingly: padded genes carry no information about the query.
+    max_epochs
+        Query training epochs. Default: ``min(heuristic, 50)`` for scVI and ``min(heuristic, 25)``
+        for scANVI, a quarter of the scArches tutorial's 200/100 epochs (see the reference
+        mapping page for the measured accuracy); ``0`` embeds without training.
+    lr, weight_decay, batch_size, train_size
+        Adam settings, minibatch size and training fraction (default all cells). Weight decay
+        never reaches frozen entries.
+    n_epochs_kl_warmup
+        KL warm-up epochs; default ``None`` (none: the reference is already trained).
+    freeze_expression
+        ``False`` also trains the encoder's first layer (expression inputs included).
+    freeze_batchnorm_decoder
+        ``True`` also freezes the decoder's batch-norm scale and shift.
+    n_neighbors
+        Neighbours of the kNN label vote (scVI reference).
+    key_added
+        ``obsm`` key of the latent space; default ``'X_scvi'`` (scVI) or ``'X_scanvi'``.
+        The ``uns`` entry is its name without ``'X_'``.
+    store_model
+        Store the query model in ``query.uns[<key>]['model']`` (``tl`` functions then find it).
+    device, random_state, progress_bar
+        As in :func:`scanpy_scvi.pp.scvi`.
+
+    Returns
+    -------
+    The trained query model (save it with ``.save``; map further queries onto it). Writes:
+
+    ``query.obsm['X_scvi']`` (or ``'X_scanvi'``) : (cells, n_latent) float32
+        Posterior mean in the reference's latent space.
+    ``query.obs['<labels_key>_pred']`` : categorical
+        Transferred labels (scANVI reference, or ``labels_key`` given).
+    ``query.obs['<labels_key>_uncertainty']`` : float
+        ``1 - `` the top class probability (scANVI) or ``1 - `` the fraction of the
+        ``n_neighbors`` reference neighbours that voted for the label (kNN).
+    ``query.uns['scvi']`` (or ``'scanvi'``) : dict
+        ``params``, the padded ``missing_genes``, ``new_categories``, ``history`` and the model.
+    """
+    from ..model import SCANVI, SCVI
+    from ..model._surgery import query_model
+    from ..model._scvi import _seeded
+    from ..pp._scvi import _uns_record
+
+    ref_model, ref_adata = _resolve_reference(reference, reference_key)
+    is_scanvi = isinstance(ref_model, SCANVI)
+    if not ref_model.is_trained:
+        msg = "The reference model is not trained."
+        raise ValueError(msg)
+    if not 0 <= max_missing_genes < 1:
+        msg = f"max_missing_genes must be a fraction in [0, 1), got {max_missing_genes}."
+        raise ValueError(msg)
+    if is_scanvi and labels_key not in (None, ref_model.setup.labels_key):
+        msg = (
+            f"A scANVI reference predicts its own labels ({ref_model.setup.labels_key!r}); "
+            f"labels_key={labels_key!r} is for kNN transfer from a scVI reference."
+        )
+        raise ValueError(msg)
+    if labels_key is not None and not is_scanvi:
+        ref_adata = ref_adata if ref_adata is not None else ref_model.adata
+        if ref_adata is None or labels_key not in ref_adata.obs.columns:
+            msg = (
+                f"labels_key={labels_key!r}: kNN label transfer needs the reference cells and their labels. "
+                "Pass the reference AnnData (with its model in uns) as `reference`, or a model that holds its "
+                "AnnData, with obs[labels_key]."
+            )
+            raise ValueError(msg)
+    key_added = key_added or ("X_scanvi" if is_scanvi else "X_scvi")
+    uns_key = key_added[2:] if key_added.startswith("X_") else key_added
+
+    missing = ref_model.setup.missing_genes(query)
+    model, added = query_model(
+        ref_model,
+        query,
+        batch_key=batch_key,
+        max_missing_genes=max_missing_genes,
+        freeze_expression=freeze_expression,
+        freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+        random_state=random_state,
+    )
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        warnings.warn(
+            f"{len(missing)} of the reference's {len(ref_model.setup.genes)} genes are missing from the query "
+            f"({shown}); they are read as zero counts.",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not ref_model.module_kwargs["encode_covariates"]:
+        warnings.warn(
+            "The reference was trained with encode_covariates=False: its encoder ignores batches, so the "
+            "query's latent space is the reference encoder's output and query training cannot move it. "
+            "For reference mapping train the reference with `**scanpy_scvi.pp.REFERENCE_MAPPING` settings.",
+            UserWarning,
+            stacklevel=2,
+        )
+    kind = type(ref_model).__name__
+    if max_epochs is None:
+        max_epochs = min(model._default_epochs(query.n_obs), DEFAULT_QUERY_EPOCHS[kind] // 4)
+    start = logg.info(f"mapping {query.n_obs} query cells onto a {model._kind} reference; new categories: {added}")
+    if added and max_epochs > 0:
+        model.train(
+            max_epochs,
+            lr=lr,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            train_size=train_size,
+            n_epochs_kl_warmup=n_epochs_kl_warmup,
+            device=device,
+            random_state=random_state,
+            progress_bar=progress_bar,
+        )
+    else:
+        if not added:
+            logg.warning("    every query batch is known to the reference: the query is embedded without training")
+        model.to_device(device)
+        model.is_trained = True
+
+    with _seeded(random_state, model.device):
+        latent = model.get_latent_representation()
+    outputs: dict[str, Any] = {}
+    label_col = None
+    if is_scanvi:
+        label_col = ref_model.setup.labels_key
+        probs = model._label_probabilities(model._bound, np.arange(query.n_obs))
+        names = np.asarray(model.setup.label_categories, dtype=object)
+        outputs = {"pred": names[probs.argmax(1)], "uncertainty": 1.0 - probs.max(1), "categories": names}
+    elif labels_key is not None:
+        label_col = labels_key
+        ref_latent = ref_model.get_latent_representation(ref_adata)
+        outputs = _knn_transfer(ref_latent, ref_adata.obs[labels_key], latent, n_neighbors)
+
+    query.obsm[key_added] = latent
+    if label_col is not None:
+        query.obs[f"{label_col}_pred"] = pd.Categorical(outputs["pred"], categories=outputs["categories"])
+        query.obs[f"{label_col}_uncertainty"] = outputs["uncertainty"].astype(np.float32)
+    params = dict(
+        reference_class=kind, batch_key=model.setup.batch_key, labels_key=label_col, max_missing_genes=max_missing_genes,
+        max_epochs=max_epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, train_size=train_size,
+        n_epochs_kl_warmup=n_epochs_kl_warmup, freeze_expression=freeze_expression,
+        freeze_batchnorm_decoder=freeze_batchnorm_decoder, n_neighbors=n_neighbors if label_col and not is_scanvi else None,
+        random_state=random_state, key_added=key_added,
+    )  # fmt: skip
+    record = _uns_record(model, params)
+    record["missing_genes"] = np.asarray(missing, dtype=object)
+    record["new_categories"] = np.asarray(added, dtype=object)
+    if store_model:
+        record["model"] = model.to_uns()
+    query.uns[uns_key] = record
+    written = f"'{key_added}' (obsm)" + (f", '{label_col}_pred', '{label_col}_uncertainty' (obs)" if label_col else "")
+    logg.info("    finished", time=start, deep=f"added\n    {written}, '{uns_key}' (uns)")
+    return model
+
+
+def _resolve_reference(reference, reference_key: str | None) -> tuple[SCVI, AnnData | None]:
+    from anndata import AnnData
+
+    from ..model import SCVI
+
+    if isinstance(reference, SCVI):
+        return reference, None
+    if isinstance(reference, (str, os.PathLike)):
+        return SCVI.load(reference, device="cpu"), None
+    if isinstance(reference, AnnData):
+        keys = [reference_key] if reference_key else [k for k in ("scanvi", "scvi") if k in reference.uns]
+        if not keys:
+            msg = "The reference AnnData carries no model (uns['scanvi'] or uns['scvi']); pass `reference_key=`."
+            raise KeyError(msg)
+        return SCVI.from_anndata(reference, key=keys[0], device="cpu"), reference
+    msg = f"reference must be a model, a saved model directory or an AnnData, got {type(reference).__name__}."
+    raise TypeError(msg)
+
+
+def _knn_transfer(ref_latent: np.ndarray, ref_labels: pd.Series, latent: np.ndarray, n_neighbors: int) -> dict:
+    """Majority vote of the ``n_neighbors`` nearest reference cells in the latent space."""
+    from sklearn.neighbors import NearestNeighbors
+
+    if ref_labels.isna().any():
+        msg = "The reference labels have missing values; fill or drop them before label transfer."
+        raise ValueError(msg)
+    codes, categories = pd.factorize(ref_labels.astype(str), sort=True)
+    k = min(int(n_neighbors), len(codes))
+    neighbours = NearestNeighbors(n_neighbors=k).fit(ref_latent).kneighbors(latent, return_distance=False)
+    votes = np.zeros((len(latent), len(categories)))
+    np.add.at(votes, (np.repeat(np.arange(len(latent)), k), codes[neighbours].ravel()), 1.0)
+    votes /= k
+    return {
+        "pred": np.asarray(categories, dtype=object)[votes.argmax(1)],
+        "uncertainty": 1.0 - votes.max(1),
+        "categories": np.asarray(categories, dtype=object),
+    }
