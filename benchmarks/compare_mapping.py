@@ -56,6 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--ref-epochs", type=int, default=100)
     p.add_argument("--scanvi-epochs", type=int, default=10)
     p.add_argument("--query-epochs", type=int, default=100, help="scvi-tools' query epochs (tutorial: 100)")
+    p.add_argument("--our-epochs", default="default,100",
+                   help="comma list of map_query max_epochs to run ('default' = its own default)")
+    p.add_argument("--query-seeds", type=int, default=3,
+                   help="map the query with this many seeds at our default epochs (seed-to-seed spread)")
+    p.add_argument("--skip-scvi-tools", action="store_true", help="only run ours (epoch sweeps)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
@@ -166,19 +171,20 @@ def run_ours(ref, query, args, query_epochs: list) -> tuple[dict, list]:
     ref_seconds = time.perf_counter() - t0
     ref_latent = lvae.get_latent_representation()
     runs = []
-    for epochs in query_epochs:
+    for epochs, seed in query_epochs:
         q = query.copy()
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             qm = ss.tl.map_query(
-                q, lvae, max_epochs=epochs, device="cpu", random_state=args.seed, progress_bar=False, store_model=False
+                q, lvae, max_epochs=epochs, device="cpu", random_state=seed, progress_bar=False, store_model=False
             )
         q_seconds = time.perf_counter() - t0
         joint_ref = qm.get_latent_representation(ref)
         runs.append({
             "query_seconds": q_seconds,
             "query_epochs": qm.train_config.get("max_epochs", 0),
+            "query_seed": seed,
             **label_scores(q.obs["truth"], q.obs[f"{LABEL}_pred"]),
             **mixing_scores(joint_ref, q.obsm["X_scanvi"], args.seed),
             "reference_latent_moved": float(np.abs(joint_ref - ref_latent).max()),
@@ -194,14 +200,19 @@ def main(argv=None) -> int:
         ref, query, qb = split(name, args.n_top_genes)
         print(f"\n== {name}: reference {ref.n_obs} cells ({ref.obs[BATCH].nunique()} batches), "
               f"query {query.n_obs} cells (batch {qb!r}), {ref.n_vars} genes, load {load_average()}")  # fmt: skip
-        theirs = run_scvi_tools(ref, query, args)
-        ours_ref, ours = run_ours(ref, query, args, [None, args.query_epochs])
-        rows = [("scvi-tools 1.4.2", theirs)] + [(f"scanpy-scvi ({r['query_epochs']} ep)", r) for r in ours]
-        print(f"reference training: scvi-tools {theirs['reference_seconds']:.1f} s, ours {ours_ref['reference_seconds']:.1f} s")
-        print(f"{'system':26s} {'epochs':>6s} {'query s':>8s} {'speedup':>8s} {'acc':>6s} {'macroF1':>7s} {'iLISI':>6s} {'entropy':>7s} {'ref moved':>9s}")
+        theirs = None if args.skip_scvi_tools else run_scvi_tools(ref, query, args)
+        epochs = []
+        for e in args.our_epochs.split(","):
+            seeds = range(args.seed, args.seed + args.query_seeds) if e == "default" else [args.seed]
+            epochs += [(None if e == "default" else int(e), s) for s in seeds]
+        ours_ref, ours = run_ours(ref, query, args, epochs)
+        rows = ([("scvi-tools 1.4.2", theirs)] if theirs else []) + [(f"scanpy-scvi ({r['query_epochs']} ep, seed {r['query_seed']})", r) for r in ours]
+        their_ref = f"{theirs['reference_seconds']:.1f} s" if theirs else "(skipped)"
+        print(f"reference training: scvi-tools {their_ref}, ours {ours_ref['reference_seconds']:.1f} s")
+        print(f"{'system':34s} {'epochs':>6s} {'query s':>8s} {'speedup':>8s} {'acc':>6s} {'macroF1':>7s} {'iLISI':>6s} {'entropy':>7s} {'ref moved':>9s}")
         for label, r in rows:
-            speed = theirs["query_seconds"] / r["query_seconds"]
-            print(f"{label:26s} {r['query_epochs']:6d} {r['query_seconds']:8.2f} {speed:8.2f} {r['accuracy']:6.3f} "
+            speed = theirs["query_seconds"] / r["query_seconds"] if theirs else float("nan")
+            print(f"{label:34s} {r['query_epochs']:6d} {r['query_seconds']:8.2f} {speed:8.2f} {r['accuracy']:6.3f} "
                   f"{r['macro_f1']:7.3f} {r['ilisi']:6.3f} {r['batch_entropy']:7.3f} {r['reference_latent_moved']:9.2g}")  # fmt: skip
         results["scenarios"][name] = {
             "reference_cells": ref.n_obs, "query_cells": query.n_obs, "query_batch": qb, "genes": ref.n_vars,
