@@ -29,6 +29,7 @@ LIKELIHOODS = ("zinb", "nb", "poisson")
 LATENTS = ("normal", "ln")
 NORMS = ("encoder", "decoder", "both", "none")
 DEFAULT_INFERENCE_BATCH = 1024  # eval-mode minibatches; output memory dominates, not this
+DECODE_ELEMENTS = 2**22  # decoded entries per pass when several samples are drawn (16 MB of float32)
 
 
 class SCVI:
@@ -537,24 +538,37 @@ class SCVI:
         (``None``: the cell's own) and averaged over them; (cells, genes) or (samples, cells, genes)."""
         three_d = n_samples > 1 and not return_mean
         G = int(mask.sum())
-        gene_mask = torch.as_tensor(mask, device=self.device)
-        out = np.zeros((n_samples, len(idx), G) if three_d else (len(idx), G), dtype=np.float32)
+        gene_mask = None if mask.all() else torch.as_tensor(mask, device=self.device)
+        latent_lib = library_size == "latent"
+        out = np.empty((n_samples, len(idx), G) if three_d else (len(idx), G), dtype=np.float32)
         with self._inference():
             for rows, t in self._minibatches(bound, idx, batch_size):
-                acc = None
+                n_cells = rows.stop - rows.start
                 inf = self.module.inference(t, n_samples=n_samples)  # one z draw, decoded in each batch
-                for code in codes:
-                    gen = self.module.generative(inf["z"], inf["library"], t, transform_batch=code)
-                    value = gen["px_rate"] if library_size == "latent" else gen["px_scale"] * library_size
-                    value = value[..., gene_mask]
-                    acc = value if acc is None else acc + value
-                acc = acc / len(codes)
-                if n_samples > 1 and return_mean:
-                    acc = acc.mean(0)
-                if three_d:
-                    out[:, rows] = _np(acc)
-                else:
-                    out[rows] = _np(acc)
+                z, lib = inf["z"], inf["library"]
+                if n_samples == 1:
+                    z, lib = z[None], lib[None]
+                # decode a few samples at a time: (samples, cells, genes) temporaries stay cache-sized
+                per_pass = max(1, DECODE_ELEMENTS // (n_cells * len(mask)))
+                total = None
+                for s0 in range(0, n_samples, per_pass):
+                    zs, ls = z[s0 : s0 + per_pass], lib[s0 : s0 + per_pass]
+                    acc = None
+                    for code in codes:
+                        value = self.module.expression(zs, ls, t, transform_batch=code, scaled_by_library=latent_lib)
+                        if gene_mask is not None:
+                            value = value[..., gene_mask]
+                        acc = value if acc is None else acc.add_(value)
+                    if three_d:
+                        out[s0 : s0 + len(zs), rows] = _np(acc / len(codes))
+                    else:
+                        part = acc[0] if len(acc) == 1 else acc.sum(0)
+                        total = part if total is None else total.add_(part)
+                if not three_d:
+                    scale = (1.0 if latent_lib else float(library_size)) / (len(codes) * n_samples)
+                    out[rows] = _np(total if scale == 1 else total.mul_(scale))
+            if three_d and not latent_lib and library_size != 1:
+                out *= np.float32(library_size)
         return out
 
     def _denoised_and_rate(self, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -164,14 +164,10 @@ class VAE(nn.Module):
         return out
 
     # -- p(x | z, l) ------------------------------------------------------------------------
-    def generative(
-        self,
-        z: torch.Tensor,
-        library: torch.Tensor,
-        tensors: dict[str, torch.Tensor],
-        transform_batch: int | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Decoder outputs. ``transform_batch`` replaces the batch code seen by the decoder."""
+    def _decoder_hidden(
+        self, z: torch.Tensor, tensors: dict[str, torch.Tensor], transform_batch: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, batch): the decoder trunk's output (LDVAE: its full input) and the batch codes used."""
         batch = tensors["batch"]
         if transform_batch is not None:
             batch = torch.full_like(batch, transform_batch)
@@ -180,23 +176,32 @@ class VAE(nn.Module):
         cont = tensors.get("cont_covs")
         if cont is not None:
             dec_in = torch.cat([z, cont.expand(*z.shape[:-1], cont.shape[-1])], dim=-1)
-
         if self.linear_decoder:
-            full_in = dec_in if cov is None else torch.cat([dec_in, cov.expand(*z.shape[:-1], cov.shape[-1])], -1)
-            scale_logits = _apply_2d(self.scale_decoder, full_in)
-            zi_logits = _apply_2d(self.dropout_decoder, full_in)
-            h = None
+            h = dec_in if cov is None else torch.cat([dec_in, cov.expand(*z.shape[:-1], cov.shape[-1])], -1)
         else:
             h = self.decoder(dec_in, cov)
-            scale_logits = self.scale_head(h)
-            zi_logits = self.dropout_head(h)
+        return h, batch
 
-        if self.use_size_factor:
-            px_scale = F.softplus(scale_logits)
-            library = torch.log(tensors["size_factor"]).expand_as(library)
-        else:
-            px_scale = torch.softmax(scale_logits, dim=-1)
-        px_rate = torch.exp(library) * px_scale
+    def _px_scale(self, h: torch.Tensor) -> torch.Tensor:
+        logits = _apply_2d(self.scale_decoder, h) if self.linear_decoder else self.scale_head(h)
+        return F.softplus(logits) if self.use_size_factor else torch.softmax(logits, dim=-1)
+
+    def _log_library(self, library: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The log library the decoder scales by: the latent/observed one, or log size factors."""
+        return torch.log(tensors["size_factor"]).expand_as(library) if self.use_size_factor else library
+
+    def generative(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+        transform_batch: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Decoder outputs. ``transform_batch`` replaces the batch code seen by the decoder."""
+        h, batch = self._decoder_hidden(z, tensors, transform_batch)
+        px_scale = self._px_scale(h)
+        zi_logits = _apply_2d(self.dropout_decoder, h) if self.linear_decoder else self.dropout_head(h)
+        px_rate = torch.exp(self._log_library(library, tensors)) * px_scale
 
         if self.dispersion == "gene":
             theta = torch.exp(self.log_theta)
@@ -207,6 +212,23 @@ class VAE(nn.Module):
         else:
             theta = torch.exp(self.theta_head(h))
         return {"px_scale": px_scale, "px_rate": px_rate, "theta": theta, "zi_logits": zi_logits}
+
+    def expression(
+        self,
+        z: torch.Tensor,
+        library: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+        transform_batch: int | None = None,
+        scaled_by_library: bool = False,
+    ) -> torch.Tensor:
+        """Only the decoder's frequencies (or, ``scaled_by_library``, the likelihood means).
+
+        Equal to ``generative(...)['px_scale']`` (or ``['px_rate']``) without computing the
+        dropout and dispersion outputs, which expression queries do not need.
+        """
+        h, _ = self._decoder_hidden(z, tensors, transform_batch)
+        px_scale = self._px_scale(h)
+        return px_scale * torch.exp(self._log_library(library, tensors)) if scaled_by_library else px_scale
 
     def log_likelihood(self, x: torch.Tensor, gen: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(x | z, l) summed over genes; shape = leading dims of ``px_rate`` without genes.
