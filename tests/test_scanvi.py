@@ -215,3 +215,4 @@ def test_pp_scanvi_from_stored_scvi_model(base_adata):
     assert out.uns["scanvi"]["params"]["from_scvi_model"] is True
     assert out.uns["scanvi"]["params"]["max_epochs"] == 10
     assert "X_scanvi" in out.obsm and "X_scanvi" not in adata.obsm
+
