@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -13,7 +12,7 @@ import torch
 
 from ..data._setup import BoundData, DataSetup, _categories
 from ..nn._scanvae import SCANVAE
-from ._scvi import SCVI, _check_module_kwargs, _np
+from ._scvi import SCVI, _check_module_kwargs, _np, split_groups
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -203,15 +202,8 @@ class SCANVI(SCVI):
         return bound.source.obs["labels"] < self.setup.n_labels
 
     def _split(self, bound: BoundData, train_size: float, random_state: int | None) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng(random_state)
-        labelled = self._labelled(bound)
-        train, val = [], []
-        for group in (np.flatnonzero(labelled), np.flatnonzero(~labelled)):
-            n_train = math.ceil(train_size * len(group))
-            perm = group[rng.permutation(len(group))]
-            train.append(perm[len(group) - n_train :])
-            val.append(perm[: len(group) - n_train])
-        return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+        labelled = self._labelled(bound)  # labelled and unlabelled cells are split separately
+        return split_groups([np.flatnonzero(labelled), np.flatnonzero(~labelled)], train_size, random_state)
 
     def _loop_inputs(self, bound: BoundData, train_idx: np.ndarray) -> dict[str, Any]:
         return {"labelled_idx": train_idx[self._labelled(bound)[train_idx]]}
@@ -238,6 +230,14 @@ class SCANVI(SCVI):
             return labels[probs.argmax(axis=1)]
         target = self.adata if adata is None else adata
         return pd.DataFrame(probs, index=target.obs_names[idx], columns=pd.Index(labels))
+
+    def _calls(self) -> tuple[pd.Categorical, np.ndarray]:
+        """For the model's own cells: predicted labels (categorical over the known labels) and
+        the probability of each call."""
+        bound, idx = self._select(None, None)
+        probs = self._label_probabilities(bound, idx)
+        names = np.asarray(self.setup.label_categories, dtype=object)
+        return pd.Categorical(names[probs.argmax(1)], categories=names), probs.max(1)
 
     def _label_probabilities(self, bound: BoundData, idx: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         out = np.empty((len(idx), self.setup.n_labels), dtype=np.float32)

@@ -304,10 +304,7 @@ class SCVI:
 
     def _split(self, bound: BoundData, train_size: float, random_state: int | None) -> tuple[np.ndarray, np.ndarray]:
         """Sorted (train, validation) positions: a seeded permutation, ceil(train_size * n) to train."""
-        n = bound.n_obs
-        n_train = math.ceil(train_size * n)
-        perm = np.random.default_rng(random_state).permutation(n)
-        return np.sort(perm[n - n_train :]), np.sort(perm[: n - n_train])
+        return split_groups([np.arange(bound.n_obs)], train_size, random_state)
 
     def _loop_inputs(self, bound: BoundData, train_idx: np.ndarray) -> dict[str, Any]:
         """Extra inputs of the training loop (scANVI: its labelled cells)."""
@@ -583,8 +580,10 @@ class SCVI:
         scale, rate = np.empty((n, G), dtype=np.float32), np.empty((n, G), dtype=np.float32)
         with self._inference():
             for rows, t in self._minibatches(bound, idx, batch_size):
-                _, gen = self.module(t)
-                scale[rows], rate[rows] = _np(gen["px_scale"]), _np(gen["px_rate"])
+                inf = self.module.inference(t)
+                px_scale = self.module.expression(inf["z"], inf["library"], t)  # no dropout/dispersion heads
+                scale[rows] = _np(px_scale)
+                rate[rows] = _np(torch.exp(self.module.log_library(inf["library"], t)) * px_scale)
         return scale, rate
 
     def get_likelihood_parameters(
@@ -923,6 +922,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         msg = f"device={device!r} but CUDA is not available; use device='cpu' or 'auto'."
         raise ValueError(msg)
     return dev
+
+
+def split_groups(groups: list[np.ndarray], train_size: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Split each group of positions by one seeded permutation, ceil(train_size * size) to train;
+    return the sorted union of the training and of the validation parts."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for group in groups:
+        n_val = len(group) - math.ceil(train_size * len(group))
+        perm = group[rng.permutation(len(group))]
+        train.append(perm[n_val:])
+        val.append(perm[:n_val])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
 @contextmanager

@@ -58,26 +58,14 @@ class SCANVAE(VAE):
             msg = f"scANVI needs at least 2 known labels, got {n_labels}."
             raise ValueError(msg)
         super().__init__(n_input, n_labels=n_labels, **vae_kwargs)
-        n_hidden = vae_kwargs.get("n_hidden", 128)
-        n_layers = vae_kwargs.get("n_layers", 1)
-        bn = vae_kwargs.get("use_batch_norm", "both")
-        ln = vae_kwargs.get("use_layer_norm", "none")
-        enc_norm = {"use_batch_norm": bn in ("encoder", "both"), "use_layer_norm": ln in ("encoder", "both")}
-        dec_norm = {"use_batch_norm": bn in ("decoder", "both"), "use_layer_norm": ln in ("decoder", "both")}
-        k = self.n_latent
+        k, trunk = self.n_latent, {"n_hidden": self.n_hidden, "n_layers": self.n_layers}
         self.classifier = Classifier(
-            k,
-            n_labels,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            linear=linear_classifier,
-            dropout_rate=vae_kwargs.get("dropout_rate", 0.1),
-            **enc_norm,
+            k, n_labels, linear=linear_classifier, dropout_rate=self.dropout_rate, **trunk, **self.encoder_norm
         )
         self.u_encoder = GaussianEncoder(
-            k, k, n_hidden=n_hidden, n_cov=n_labels, n_layers=n_layers, dropout_rate=vae_kwargs.get("dropout_rate", 0.1), **enc_norm
+            k, k, n_cov=n_labels, dropout_rate=self.dropout_rate, **trunk, **self.encoder_norm
         )
-        self.z_decoder = GaussianDecoder(k, k, n_hidden=n_hidden, n_cov=n_labels, n_layers=n_layers, **dec_norm)
+        self.z_decoder = GaussianDecoder(k, k, n_cov=n_labels, **trunk, **self.decoder_norm)
 
     def classify(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Label logits at the posterior mean of z (the reference's ``use_posterior_mean``)."""

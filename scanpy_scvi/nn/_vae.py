@@ -77,6 +77,16 @@ class VAE(nn.Module):
     ):
         super().__init__()
         self.n_input, self.n_batch, self.n_labels, self.n_latent = n_input, n_batch, n_labels, n_latent
+        self.n_hidden, self.n_layers, self.dropout_rate = n_hidden, n_layers, dropout_rate
+        # which hidden layers are normalised, as FCLayers flags (subclasses build more networks)
+        self.encoder_norm = {
+            "use_batch_norm": use_batch_norm in ("encoder", "both"),
+            "use_layer_norm": use_layer_norm in ("encoder", "both"),
+        }
+        self.decoder_norm = {
+            "use_batch_norm": use_batch_norm in ("decoder", "both"),
+            "use_layer_norm": use_layer_norm in ("decoder", "both"),
+        }
         self.n_cats_per_cov = tuple(n_cats_per_cov)
         self.n_continuous_cov = n_continuous_cov
         self.dispersion = dispersion
@@ -96,8 +106,7 @@ class VAE(nn.Module):
             n_cov=enc_cov,
             n_layers=n_layers,
             dropout_rate=dropout_rate,
-            use_batch_norm=use_batch_norm in ("encoder", "both"),
-            use_layer_norm=use_layer_norm in ("encoder", "both"),
+            **self.encoder_norm,
             inject_covariates=deeply_inject_covariates,
         )
         self.z_encoder = GaussianEncoder(enc_in, n_latent, n_hidden=n_hidden, **encoder_kwargs)
@@ -108,7 +117,7 @@ class VAE(nn.Module):
 
         dec_in = n_latent + n_continuous_cov
         if linear_decoder:
-            use_bn = use_batch_norm in ("decoder", "both")
+            use_bn = self.decoder_norm["use_batch_norm"]
             self.scale_decoder = _linear_head(dec_in + n_cat, n_input, use_bn)
             self.dropout_decoder = _linear_head(dec_in + n_cat, n_input, use_bn)
         else:
@@ -119,8 +128,7 @@ class VAE(nn.Module):
                 n_layers=n_layers,
                 n_hidden=n_hidden,
                 dropout_rate=0.0,
-                use_batch_norm=use_batch_norm in ("decoder", "both"),
-                use_layer_norm=use_layer_norm in ("decoder", "both"),
+                **self.decoder_norm,
                 inject_covariates=deeply_inject_covariates,
             )
             self.scale_head = nn.Linear(n_hidden, n_input)
@@ -186,7 +194,7 @@ class VAE(nn.Module):
         logits = _apply_2d(self.scale_decoder, h) if self.linear_decoder else self.scale_head(h)
         return F.softplus(logits) if self.use_size_factor else torch.softmax(logits, dim=-1)
 
-    def _log_library(self, library: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def log_library(self, library: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """The log library the decoder scales by: the latent/observed one, or log size factors."""
         return torch.log(tensors["size_factor"]).expand_as(library) if self.use_size_factor else library
 
@@ -201,7 +209,7 @@ class VAE(nn.Module):
         h, batch = self._decoder_hidden(z, tensors, transform_batch)
         px_scale = self._px_scale(h)
         zi_logits = _apply_2d(self.dropout_decoder, h) if self.linear_decoder else self.dropout_head(h)
-        px_rate = torch.exp(self._log_library(library, tensors)) * px_scale
+        px_rate = torch.exp(self.log_library(library, tensors)) * px_scale
 
         if self.dispersion == "gene":
             theta = torch.exp(self.log_theta)
@@ -228,7 +236,7 @@ class VAE(nn.Module):
         """
         h, _ = self._decoder_hidden(z, tensors, transform_batch)
         px_scale = self._px_scale(h)
-        return px_scale * torch.exp(self._log_library(library, tensors)) if scaled_by_library else px_scale
+        return px_scale * torch.exp(self.log_library(library, tensors)) if scaled_by_library else px_scale
 
     def log_likelihood(self, x: torch.Tensor, gen: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(x | z, l) summed over genes; shape = leading dims of ``px_rate`` without genes.

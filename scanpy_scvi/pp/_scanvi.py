@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import pandas as pd
 
 from .._compat import logg
 from ._scvi import _select_genes, _uns_record
@@ -178,11 +177,10 @@ def scanvi(
         model.adata = adata
     with _seeded(random_state, model.device):
         latent = model.get_latent_representation()
-    probs = model._label_probabilities(model._bound, np.arange(adata.n_obs))
-    names = np.asarray(model.setup.label_categories, dtype=object)
+    calls, confidence = model._calls()
     adata.obsm[key_added] = latent
-    adata.obs[f"{labels_key}_scanvi_pred"] = pd.Categorical(names[probs.argmax(1)], categories=names)
-    adata.obs[f"{labels_key}_scanvi_proba"] = probs.max(1).astype(np.float32)
+    adata.obs[f"{labels_key}_scanvi_pred"] = calls
+    adata.obs[f"{labels_key}_scanvi_proba"] = confidence.astype(np.float32)
     uns_key = key_added[2:] if key_added.startswith("X_") else key_added
     params = dict(
         labels_key=labels_key, unlabeled_category=str(unlabeled_category), batch_key=model.setup.batch_key,

@@ -198,9 +198,8 @@ def map_query(
     label_col = None
     if is_scanvi:
         label_col = ref_model.setup.labels_key
-        probs = model._label_probabilities(model._bound, np.arange(query.n_obs))
-        names = np.asarray(model.setup.label_categories, dtype=object)
-        outputs = {"pred": names[probs.argmax(1)], "uncertainty": 1.0 - probs.max(1), "categories": names}
+        calls, confidence = model._calls()
+        outputs = {"pred": calls, "uncertainty": 1.0 - confidence}
     elif labels_key is not None:
         label_col = labels_key
         ref_latent = ref_model.get_latent_representation(ref_adata)
@@ -208,7 +207,7 @@ def map_query(
 
     query.obsm[key_added] = latent
     if label_col is not None:
-        query.obs[f"{label_col}_pred"] = pd.Categorical(outputs["pred"], categories=outputs["categories"])
+        query.obs[f"{label_col}_pred"] = outputs["pred"]
         query.obs[f"{label_col}_uncertainty"] = outputs["uncertainty"].astype(np.float32)
     params = dict(
         reference_class=kind, batch_key=model.setup.batch_key, labels_key=label_col, max_missing_genes=max_missing_genes,
@@ -260,8 +259,5 @@ def _knn_transfer(ref_latent: np.ndarray, ref_labels: pd.Series, latent: np.ndar
     votes = np.zeros((len(latent), len(categories)))
     np.add.at(votes, (np.repeat(np.arange(len(latent)), k), codes[neighbours].ravel()), 1.0)
     votes /= k
-    return {
-        "pred": np.asarray(categories, dtype=object)[votes.argmax(1)],
-        "uncertainty": 1.0 - votes.max(1),
-        "categories": np.asarray(categories, dtype=object),
-    }
+    names = np.asarray(categories, dtype=object)
+    return {"pred": pd.Categorical(names[votes.argmax(1)], categories=names), "uncertainty": 1.0 - votes.max(1)}
