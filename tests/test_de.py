@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import scanpy as sc
+import torch
 from conftest import IFNB, make_adata
 
 import scanpy_scvi as ss
@@ -42,9 +43,7 @@ def test_null_comparison_calls_almost_nothing(ifnb):
     cells = np.flatnonzero(mono & ~stim)
     np.random.default_rng(1).shuffle(cells)
     half = len(cells) // 2
-    df = ss.tl.differential_expression(
-        ifnb, idx1=cells[:half], idx2=cells[half:], inplace=False, progress_bar=False
-    )
+    df = ss.tl.differential_expression(ifnb, idx1=cells[:half], idx2=cells[half:], inplace=False, progress_bar=False)
     assert df["is_de_fdr_0.05"].sum() <= 5  # of 2000 genes
     assert np.abs(df["lfc_median"]).median() < 0.1
 
@@ -197,3 +196,109 @@ def test_store_model_false_leaves_no_model(adata):
     assert "model" not in adata.uns["scvi"]
     with pytest.raises(KeyError, match="No model stored"):
         ss.tl.differential_expression(adata, groupby="labels")
+
+
+@pytest.mark.parametrize("n", [400, 401])
+@pytest.mark.parametrize("mode", ["change", "vanilla"])
+def test_statistics_equal_the_log_formula(n, mode):
+    """The fused gene-major statistics equal the textbook formulas on the log2 fold changes."""
+    from scanpy_scvi.tl._de import _compare, _Comparison, _WorkBuffers
+
+    rng = np.random.default_rng(0)
+    G = 50
+    s1 = rng.dirichlet(np.full(G, 0.3), size=n).T.astype(np.float32)  # (genes, draws) frequencies
+    s2 = rng.dirichlet(np.full(G, 0.3), size=n + 7).T.astype(np.float32)  # extra draws: pairs truncate
+    raw = {k: rng.random(G) for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")}
+    raw["raw_mean"][:10] = 0  # silent genes: the pseudocount is estimated from them
+    comp = _Comparison("a", "b", np.arange(2), np.arange(2, 4))
+    genes = [f"g{i}" for i in range(G)]
+    df = _compare(
+        torch.from_numpy(s1), torch.from_numpy(s2), raw, raw, genes, mode, 0.25, 0.05, None, comp, _WorkBuffers()
+    )
+    df = df.loc[genes]
+
+    a, b = s1.astype(np.float64), s2[:, :n].astype(np.float64)
+    silent = raw["raw_mean"] < 0.01
+    pc = max(np.quantile(s.max(1)[silent], 0.9) for s in (a, b)) / G  # on the paired draws, as scvi-tools
+    np.testing.assert_allclose(df["pseudocounts"], pc, rtol=1e-6)
+    if mode == "change":
+        lfc = np.log2(a + pc) - np.log2(b + pc)
+        proba = np.maximum((lfc >= 0.25).mean(1), (lfc < -0.25).mean(1))
+        np.testing.assert_allclose(df["proba_de"], proba, atol=1.5 / n)  # a tie at the threshold may flip
+    else:
+        np.testing.assert_allclose(df["proba_m1"], (a > b).mean(1), atol=1e-12)
+    lfc = np.log2(a + 1e-3 * pc) - np.log2(b + 1e-3 * pc)
+    for col, ref in [("lfc_mean", lfc.mean(1)), ("lfc_median", np.median(lfc, 1)), ("lfc_std", lfc.std(1)),
+                     ("lfc_min", lfc.min(1)), ("lfc_max", lfc.max(1))]:  # fmt: skip
+        np.testing.assert_allclose(df[col], ref, rtol=1e-4, atol=1e-4, err_msg=col)
+    np.testing.assert_allclose(df["scale2"], s2.mean(1), rtol=1e-5)  # means over all draws, not only pairs
+
+
+class _CellIdSampler:
+    """Stands in for the posterior sampler: a draw of cell c is a column filled with c."""
+
+    def __init__(self, n_obs):
+        self.bound = type("Bound", (), {"n_obs": n_obs})()
+        self.decoded = 0
+
+    def empty(self, n):
+        return torch.empty((1, n))
+
+    def draw(self, cells, code, out):
+        self.decoded += len(cells)
+        out[:] = torch.as_tensor(cells, dtype=torch.float32)[None]
+        return out
+
+
+@pytest.mark.parametrize("sizes", [[300, 200, 100, 50, 350], [50, 40, 30, 880]])
+def test_pooled_rest_draws_are_uniform_over_the_rest(sizes):
+    """One-vs-rest shares one decoded pool: each rest gets n_samples draws, none from its own group,
+    spread over the other cells in proportion; a dominant group (top-up path) included."""
+    from scanpy_scvi.tl._de import REST, _Comparison, _Group2Draws
+
+    n_obs = sum(sizes)
+    groups = np.repeat(np.arange(len(sizes)), sizes)
+    cells = np.random.default_rng(1).permutation(n_obs)  # groups interleaved in cell order
+    comps = [
+        _Comparison(str(g), REST, np.sort(cells[groups == g]), np.sort(cells[groups != g])) for g in range(len(sizes))
+    ]
+    sampler = _CellIdSampler(n_obs)
+    n = 4000
+    draws = _Group2Draws(sampler, comps, [None], n, np.random.default_rng(0))
+    group_of = np.empty(n_obs, dtype=int)
+    group_of[cells] = groups
+    for comp in comps:
+        drawn = draws.of(comp)[0].numpy().astype(int)
+        assert drawn.shape == (n,)
+        assert not np.isin(drawn, comp.cells1).any()
+        counts = np.bincount(group_of[drawn], minlength=len(sizes)).astype(float)
+        expected = np.array(sizes, float) / len(comp.cells2) * n
+        expected[int(comp.label1)] = 0
+        assert np.all(np.abs(counts - expected) <= 5 * np.sqrt(expected) + 1), (counts, expected)
+    assert sampler.decoded < 2 * n * len(comps)  # the pool saves decoding
+
+
+def test_repeated_reference_group_is_decoded_once():
+    from scanpy_scvi.tl._de import _Comparison, _Group2Draws
+
+    sampler = _CellIdSampler(100)
+    ref = np.arange(50, 100)
+    comps = [_Comparison(str(g), "ref", np.arange(g * 10, g * 10 + 10), ref) for g in range(5)]
+    draws = _Group2Draws(sampler, comps, [None], 300, np.random.default_rng(0))
+    first = draws.of(comps[0]).clone()
+    for comp in comps[1:]:
+        assert torch.equal(draws.of(comp), first)
+    assert sampler.decoded == 300
+
+
+@pytest.mark.parametrize("n", [2, 5, 6])
+def test_order_statistics_by_partition_and_by_sort_agree(n):
+    """The CPU path (partition) and the GPU path (sort) give numpy's median, min and max."""
+    from scanpy_scvi.tl._de import _order_statistics
+
+    x = np.random.default_rng(n).normal(size=(7, n)).astype(np.float32)
+    for by_sort in (False, True):
+        median, low, high = _order_statistics(torch.from_numpy(x.copy()), by_sort=by_sort)
+        np.testing.assert_allclose(median, np.median(x, 1), rtol=1e-6)
+        np.testing.assert_array_equal(low, x.min(1))
+        np.testing.assert_array_equal(high, x.max(1))

@@ -162,7 +162,7 @@ class VAE(nn.Module):
         out = {"qz_m": qz_m, "qz_v": qz_v}
         z = _rsample(qz_m, qz_v, n_samples)
         out["z_untransformed"] = z
-        out["z"] = torch.softmax(z, dim=-1) if self.latent_distribution == "ln" else z
+        out["z"] = self._as_decoder_z(z)
         if self.use_observed_lib_size:
             library = torch.log(x.sum(dim=-1, keepdim=True))
             out["library"] = library.expand(n_samples, *library.shape) if n_samples > 1 else library
@@ -170,6 +170,13 @@ class VAE(nn.Module):
             ql_m, ql_v = self.l_encoder(enc_in, cov)
             out.update(ql_m=ql_m, ql_v=ql_v, library=_rsample(ql_m, ql_v, n_samples))
         return out
+
+    def sample_z(self, qz_m: torch.Tensor, qz_v: torch.Tensor) -> torch.Tensor:
+        """One draw of z from q(z | x) = N(qz_m, qz_v), as the decoder takes it."""
+        return self._as_decoder_z(_rsample(qz_m, qz_v, 1))
+
+    def _as_decoder_z(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(z, dim=-1) if self.latent_distribution == "ln" else z
 
     # -- p(x | z, l) ------------------------------------------------------------------------
     def _decoder_hidden(
@@ -224,7 +231,7 @@ class VAE(nn.Module):
     def expression(
         self,
         z: torch.Tensor,
-        library: torch.Tensor,
+        library: torch.Tensor | None,
         tensors: dict[str, torch.Tensor],
         transform_batch: int | None = None,
         scaled_by_library: bool = False,
@@ -232,7 +239,8 @@ class VAE(nn.Module):
         """Only the decoder's frequencies (or, ``scaled_by_library``, the likelihood means).
 
         Equal to ``generative(...)['px_scale']`` (or ``['px_rate']``) without computing the
-        dropout and dispersion outputs, which expression queries do not need.
+        dropout and dispersion outputs, which expression queries do not need. ``library`` is
+        read only when ``scaled_by_library``.
         """
         h, _ = self._decoder_hidden(z, tensors, transform_batch)
         px_scale = self._px_scale(h)
@@ -316,9 +324,9 @@ class VAE(nn.Module):
             if not self.use_observed_lib_size:
                 lib = inf["library"]
                 prior_m, prior_v = self._library_prior(tensors["batch"])
-                log_w = log_w + (
-                    _log_normal(lib, prior_m, prior_v) - _log_normal(lib, inf["ql_m"], inf["ql_v"])
-                ).sum(-1)
+                log_w = log_w + (_log_normal(lib, prior_m, prior_v) - _log_normal(lib, inf["ql_m"], inf["ql_v"])).sum(
+                    -1
+                )
             chunks.append(log_w)
         return torch.logsumexp(torch.cat(chunks, dim=0), dim=0) - math.log(n_mc_samples)
 

@@ -1,9 +1,11 @@
 """Bayesian differential expression with scVI (Lopez et al. 2018; Boyeau et al. 2019).
 
 For two groups of cells, normalised expression (the decoder's frequencies) is sampled from
-the posterior of each group: cells are drawn at random and decoded once each, so the cost
-is ``n_samples`` decodes per group, whatever the group sizes. Results are written in the
-layout of :func:`scanpy.tl.rank_genes_groups`.
+the posterior of each group: cells are drawn at random, each draw a fresh z from the cell's
+posterior, decoded once. Every cell is encoded once, the "rest" of a one-vs-rest loop is drawn
+from one shared pool, and the per-gene statistics run gene-major in reused buffers, so the
+cost is about ``n_samples`` decodes per group. Results are written in the layout of
+:func:`scanpy.tl.rank_genes_groups`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from .._compat import logg
@@ -337,12 +340,16 @@ def _run(
     rng = np.random.default_rng(random_state)
     frames = []
     with _seeded(random_state, model.device):
+        cells = np.unique(np.concatenate([c for comp in comparisons for c in (comp.cells1, comp.cells2)]))
+        sampler = _PosteriorSampler(model, bound, cells, batch_size)
+        group1 = _Draws(sampler, codes1, n_samples, rng)
+        group2 = _Group2Draws(sampler, comparisons, codes2, n_samples, rng)
+        work = _WorkBuffers()
         for comp in tqdm(comparisons, desc="DE", unit="comparison", disable=not progress_bar):
-            s1 = _sample_scales(model, bound, comp.cells1, codes1, n_samples, rng, batch_size)
-            s2 = _sample_scales(model, bound, comp.cells2, codes2, n_samples, rng, batch_size)
+            s1, s2 = group1.of(comp.cells1), group2.of(comp)
             raw1, raw2 = stats.pair(comp)
             frames.append(
-                _compare(s1, s2, raw1, raw2, model.setup.genes, mode, delta, fdr_target, pseudocounts, comp)
+                _compare(s1, s2, raw1, raw2, model.setup.genes, mode, delta, fdr_target, pseudocounts, comp, work)
             )
     return pd.concat(frames)
 
@@ -420,21 +427,127 @@ def _batch_codes(model: SCVI, batch_correction: bool, batchid) -> list[int | Non
 
 
 # -- sampling -------------------------------------------------------------------------------------------
-def _sample_scales(model, bound, cells, codes, n_samples, rng, batch_size) -> list[np.ndarray]:
-    """Per batch code: (n_samples / n_codes, genes) frequencies of randomly drawn cells."""
-    per_code = max(n_samples // len(codes), 2)
-    mask = np.ones(len(model.setup.genes), dtype=bool)
-    return [
-        model._decode(bound, rng.choice(cells, per_code, replace=True), [code], mask, batch_size=batch_size)
-        for code in codes
-    ]
+# Draws are gene-major, (genes, draws), so that every per-gene statistic reduces over contiguous
+# memory. Output arrays are reused between comparisons: first-touching tens of megabytes of
+# fresh memory costs more than the arithmetic done in them.
 
 
-def _paired(s1: list[np.ndarray], s2: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Row-aligned sample pairs; within a batch when both groups were decoded in the same batches."""
-    a, b = np.concatenate(s1), np.concatenate(s2)
-    n = min(len(a), len(b))
-    return a[:n], b[:n]
+class _PosteriorSampler:
+    """Normalised expression of posterior draws of chosen cells.
+
+    Every cell is encoded once (q(z | x) is deterministic in eval mode); each draw takes a
+    fresh z from its cell's posterior and decodes it, so drawing a cell again costs only the
+    decoder. A draw has the distribution of encoding and decoding the cell anew.
+    """
+
+    def __init__(self, model: SCVI, bound: BoundData, cells: np.ndarray, batch_size: int | None):
+        self.model, self.bound = model, bound
+        self.n_genes = bound.source.n_vars
+        self.batch_size = batch_size or 1024
+        self.row = np.full(bound.n_obs, -1, dtype=np.int64)
+        self.row[cells] = np.arange(len(cells))
+        k = model.module.n_latent
+        self.qz_m = torch.empty((len(cells), k), device=model.device)
+        self.qz_v = torch.empty((len(cells), k), device=model.device)
+        with model._inference():
+            for rows, t in model._minibatches(bound, cells, batch_size):
+                inf = model.module.inference(t)
+                self.qz_m[rows], self.qz_v[rows] = inf["qz_m"], inf["qz_v"]
+
+    def empty(self, n_draws: int) -> torch.Tensor:
+        return torch.empty((self.n_genes, n_draws), device=self.model.device)
+
+    def draw(self, cells: np.ndarray, code: int | None, out: torch.Tensor) -> torch.Tensor:
+        """One draw per entry of ``cells`` (repeats allowed), decoded in batch ``code`` (``None``:
+        the cell's own), written into the columns of ``out``."""
+        module, obs, device = self.model.module, self.bound.source.obs, self.model.device
+        with self.model._inference():
+            for start in range(0, len(cells), self.batch_size):
+                chunk = cells[start : start + self.batch_size]
+                rows = torch.as_tensor(self.row[chunk], device=device)
+                covariates = {key: torch.as_tensor(v[chunk], device=device) for key, v in obs.items()}
+                z = module.sample_z(self.qz_m[rows], self.qz_v[rows])
+                out[:, start : start + len(chunk)] = module.expression(z, None, covariates, transform_batch=code).T
+        return out
+
+
+class _Draws:
+    """``n_samples`` draws of a group's cells (uniform, with replacement), split evenly over the
+    batches ``codes`` (``[None]``: each cell's own batch), in batch order."""
+
+    def __init__(self, sampler: _PosteriorSampler, codes: list[int | None], n_samples: int, rng):
+        self.sampler, self.codes, self.rng = sampler, codes, rng
+        self.per_code = max(n_samples // len(codes), 2)
+        self._out = sampler.empty(self.per_code * len(codes))
+
+    def columns(self, i: int) -> slice:
+        return slice(i * self.per_code, (i + 1) * self.per_code)
+
+    def of(self, cells: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        out = self._out if out is None else out
+        for i, code in enumerate(self.codes):
+            self.sampler.draw(self.rng.choice(cells, self.per_code), code, out[:, self.columns(i)])
+        return out
+
+
+class _Group2Draws:
+    """Draws of the second group of each comparison, shared between comparisons where possible.
+
+    One-vs-rest: the "rest" of every group comes from one pool of draws over all cells, decoded
+    once and ordered by group. The rest of group g is a uniformly random subset of the pool's
+    draws outside g (multivariate hypergeometric counts per group block, the first draws of each
+    block, which are in random order), so each comparison still sees ``n_samples`` independent
+    uniform draws from its rest while the decoder runs about once per group instead of twice.
+    A second group repeated across comparisons (``group2='ctrl'``) is decoded once.
+    """
+
+    POOL_MAX_FACTOR = 4  # pool size at most this many times one comparison's draws (memory bound)
+
+    def __init__(self, sampler, comparisons: list[_Comparison], codes, n_samples: int, rng):
+        self.draws = _Draws(sampler, codes, n_samples, rng)
+        self._last: tuple[np.ndarray, torch.Tensor] | None = None
+        rest = [c for c in comparisons if c.label2 == REST]
+        self._block_of = {id(c): i for i, c in enumerate(rest)}
+        self._pools = self._decode_pools(rest) if len(rest) >= 3 else None
+
+    def _decode_pools(self, rest: list[_Comparison]) -> list[tuple[torch.Tensor, np.ndarray]]:
+        """Per batch code: (genes, pool) draws over all cells, grouped by block, and block sizes."""
+        d, n_obs = self.draws, self.draws.sampler.bound.n_obs
+        block = np.full(n_obs, len(rest), dtype=np.int64)  # last block: cells of no tested group
+        for i, comp in enumerate(rest):
+            block[comp.cells1] = i
+        largest = max(len(c.cells1) for c in rest) / n_obs
+        size = min(int(np.ceil(1.1 * d.per_code / max(1 - largest, 1e-12))), self.POOL_MAX_FACTOR * d.per_code)
+        pools = []
+        for code in d.codes:
+            cells = d.rng.integers(0, n_obs, size)
+            cells = cells[np.argsort(block[cells], kind="stable")]
+            freq = d.sampler.draw(cells, code, d.sampler.empty(size))
+            pools.append((freq, np.bincount(block[cells], minlength=len(rest) + 1)))
+        return pools
+
+    def of(self, comp: _Comparison) -> torch.Tensor:
+        if self._pools is not None and id(comp) in self._block_of:
+            return self._from_pools(comp, self._block_of[id(comp)])
+        if self._last is None or not np.array_equal(self._last[0], comp.cells2):
+            out = self.draws.sampler.empty(self.draws.per_code * len(self.draws.codes))
+            self._last = (comp.cells2, self.draws.of(comp.cells2, out))
+        return self._last[1]
+
+    def _from_pools(self, comp: _Comparison, g: int) -> torch.Tensor:
+        d, out = self.draws, self.draws._out
+        for i, (code, (freq, sizes)) in enumerate(zip(d.codes, self._pools)):
+            available = sizes.copy()
+            available[g] = 0
+            take = d.rng.multivariate_hypergeometric(available, min(d.per_code, int(available.sum())))
+            target = out[:, d.columns(i)]
+            col = 0
+            for start, n in zip(np.cumsum(sizes) - sizes, take):
+                target[:, col : col + n] = freq[:, start : start + n]
+                col += n
+            if col < d.per_code:  # too few pool draws outside a very large group: decode the rest
+                d.sampler.draw(d.rng.choice(comp.cells2, d.per_code - col), code, target[:, col:])
+        return out
 
 
 # -- raw statistics -------------------------------------------------------------------------------------------
@@ -475,34 +588,86 @@ def _means(sums: np.ndarray, n: int) -> dict[str, np.ndarray]:
 
 
 # -- tests --------------------------------------------------------------------------------------------------
-def _pseudocount(s1: np.ndarray, s2: np.ndarray, raw1, raw2, threshold: float = 0.01) -> float:
+# Samples are gene-major (genes, draws) so that every per-gene reduction runs over contiguous
+# memory; the two (genes, pairs) work buffers are reused for every step of a comparison.
+
+
+def _pseudocount(s1: torch.Tensor, s2: torch.Tensor, raw1, raw2, threshold: float = 0.01) -> float:
     """scvi-tools' offset: 0.9 quantile of max sampled frequency over non-expressed genes, / n_genes."""
     offsets = []
     for s, raw in ((s1, raw1), (s2, raw2)):
         silent = raw["raw_mean"] < threshold
-        offsets.append(np.quantile(s.max(0)[silent], 0.9) if silent.any() else 1e-10)
-    return float(max(1e-10, max(offsets) / s1.shape[1]))
+        offsets.append(np.quantile(_np(s.amax(1))[silent], 0.9) if silent.any() else 1e-10)
+    return float(max(1e-10, max(offsets) / s1.shape[0]))
 
 
-def _compare(s1l, s2l, raw1, raw2, genes, mode, delta, fdr_target, pseudocounts, comp) -> pd.DataFrame:
-    scale1, scale2 = np.concatenate(s1l).mean(0), np.concatenate(s2l).mean(0)
-    s1, s2 = _paired(s1l, s2l)
+def _fraction(condition, a: torch.Tensor, b: torch.Tensor | float, out: torch.Tensor) -> np.ndarray:
+    """Per gene, the fraction of pairs where ``condition(a, b)`` holds (a float-valued mask sums fastest)."""
+    condition(a, b, out=out)
+    return _np(out.sum(1)).astype(np.float64) / a.shape[1]  # float32 counts are exact below 2**24
+
+
+def _lfc_summaries(s1: torch.Tensor, s2: torch.Tensor, offset: float, buf: torch.Tensor, tmp: torch.Tensor) -> dict:
+    """Mean, median, std, min and max of log2(s1 + offset) - log2(s2 + offset) per gene."""
+    torch.add(s1, offset, out=buf)
+    buf.div_(torch.add(s2, offset, out=tmp)).log2_()
+    n = buf.shape[1]
+    mean = buf.sum(1) / n  # float32 sums are fast and, summed in cascades, accurate enough here
+    std = (torch.sub(buf, mean[:, None], out=tmp).square_().sum(1) / n).sqrt()
+    median, low, high = _order_statistics(buf, by_sort=buf.device.type != "cpu")
+    return {"lfc_mean": _np(mean), "lfc_median": median, "lfc_std": _np(std), "lfc_min": low, "lfc_max": high}
+
+
+def _order_statistics(x: torch.Tensor, by_sort: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: median (mean of the two middle values when even), min and max; ``x`` is scratch.
+
+    On the CPU numpy's in-place partition finds the middle far faster than a sort; on a GPU a
+    sort is fast and partition is not available.
+    """
+    n = x.shape[1]
+    if by_sort:
+        ordered = x.sort(dim=1).values
+        median = (ordered[:, (n - 1) // 2].double() + ordered[:, n // 2]) / 2
+        return _np(median), _np(ordered[:, 0]), _np(ordered[:, -1])
+    part = x.numpy()
+    part.partition(n // 2, axis=1)
+    low, middle, high = part[:, : n // 2], part[:, n // 2], part[:, n // 2 :]
+    median = middle if n % 2 else (middle.astype(np.float64) + low.max(1)) / 2
+    return median, (low.min(1) if n > 1 else middle), high.max(1)
+
+
+class _WorkBuffers:
+    """Two (genes, pairs) scratch arrays kept across comparisons: touching freshly allocated
+    memory costs more than the arithmetic done in it."""
+
+    def __init__(self):
+        self._pair: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pair is None or self._pair[0].shape != like.shape or self._pair[0].device != like.device:
+            self._pair = (torch.empty(like.shape, device=like.device), torch.empty(like.shape, device=like.device))
+        return self._pair
+
+
+def _compare(s1, s2, raw1, raw2, genes, mode, delta, fdr_target, pseudocounts, comp, work) -> pd.DataFrame:
+    scale1, scale2 = _np(s1.mean(1)), _np(s2.mean(1))
+    n = min(s1.shape[1], s2.shape[1])  # row-aligned pairs; within a batch when both used the same batches
+    s1, s2 = s1[:, :n], s2[:, :n]
     pc = _pseudocount(s1, s2, raw1, raw2) if pseudocounts is None else float(pseudocounts)
+    buf, tmp = work.get(s1)
     cols: dict[str, np.ndarray | float] = {}
     if mode == "change":
-        lfc = np.log2(s1 + pc) - np.log2(s2 + pc)
-        up, down = (lfc >= delta).mean(0), (lfc < -delta).mean(0)
+        # LFC >= delta  <=>  (s1 + pc) / (s2 + pc) >= 2**delta: the counts need no logarithm
+        ratio = torch.add(s1, pc, out=buf).div_(torch.add(s2, pc, out=tmp))
+        up, down = _fraction(torch.ge, ratio, 2.0**delta, tmp), _fraction(torch.lt, ratio, 2.0**-delta, tmp)
         proba = np.maximum(up, down)
         cols.update(proba_de=proba, proba_not_de=1 - proba)
     else:
-        proba = (s1 > s2).mean(0)
+        proba = _fraction(torch.gt, s1, s2, buf)
         cols.update(proba_m1=proba, proba_m2=1 - proba)
     cols["bayes_factor"] = np.log(proba + EPS) - np.log(1 - proba + EPS)
     cols.update(scale1=scale1, scale2=scale2, pseudocounts=pc, delta=float(delta))
-    lfc = np.log2(s1 + 1e-3 * pc) - np.log2(s2 + 1e-3 * pc)  # smaller offset for the LFC estimate
-    cols.update(
-        lfc_mean=lfc.mean(0), lfc_median=np.median(lfc, 0), lfc_std=lfc.std(0), lfc_min=lfc.min(0), lfc_max=lfc.max(0)
-    )
+    cols.update(_lfc_summaries(s1, s2, 1e-3 * pc, buf, tmp))  # smaller offset for the LFC estimate
     for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean"):
         cols[f"{k}1"], cols[f"{k}2"] = raw1[k], raw2[k]
     df = pd.DataFrame(cols, index=pd.Index(genes, name="gene"))
@@ -512,6 +677,10 @@ def _compare(s1l, s2l, raw1, raw2, genes, mode, delta, fdr_target, pseudocounts,
     df["comparison"] = f"{comp.label1} vs {comp.label2}"
     df["group1"], df["group2"] = comp.label1, comp.label2
     return df
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
 
 
 def _fdr_flags(proba_sorted_desc: np.ndarray, target: float) -> np.ndarray:
