@@ -601,21 +601,41 @@ def _pseudocount(s1: torch.Tensor, s2: torch.Tensor, raw1, raw2, threshold: floa
     return float(max(1e-10, max(offsets) / s1.shape[0]))
 
 
-def _fraction(condition, a: torch.Tensor, b: torch.Tensor | float, out: torch.Tensor) -> np.ndarray:
-    """Per gene, the fraction of pairs where ``condition(a, b)`` holds (a float-valued mask sums fastest)."""
-    condition(a, b, out=out)
-    return _np(out.sum(1)).astype(np.float64) / a.shape[1]  # float32 counts are exact below 2**24
+GENE_BLOCK = 128  # genes per pass: a block's (genes, pairs) scratch stays in cache across the steps
 
 
-def _lfc_summaries(s1: torch.Tensor, s2: torch.Tensor, offset: float, buf: torch.Tensor, tmp: torch.Tensor) -> dict:
-    """Mean, median, std, min and max of log2(s1 + offset) - log2(s2 + offset) per gene."""
-    torch.add(s1, offset, out=buf)
-    buf.div_(torch.add(s2, offset, out=tmp)).log2_()
-    n = buf.shape[1]
-    mean = buf.sum(1) / n  # float32 sums are fast and, summed in cascades, accurate enough here
-    std = (torch.sub(buf, mean[:, None], out=tmp).square_().sum(1) / n).sqrt()
-    median, low, high = _order_statistics(buf, by_sort=buf.device.type != "cpu")
-    return {"lfc_mean": _np(mean), "lfc_median": median, "lfc_std": _np(std), "lfc_min": low, "lfc_max": high}
+def _per_gene_statistics(s1, s2, pc: float, mode: str, delta: float, work: _WorkBuffers) -> dict[str, np.ndarray]:
+    """Test probabilities and LFC summaries of paired (genes, pairs) draws, a block of genes at a time."""
+    buf, tmp = work.get(s1)
+    parts = [
+        _block_statistics(s1[rows], s2[rows], pc, mode, delta, buf[rows], tmp[rows])
+        for rows in (slice(g, g + GENE_BLOCK) for g in range(0, s1.shape[0], GENE_BLOCK))
+    ]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def _fraction(mask: torch.Tensor) -> np.ndarray:
+    """Row means of a float 0/1 mask (float masks sum far faster than booleans; exact below 2**24)."""
+    return _np(mask.sum(1)).astype(np.float64) / mask.shape[1]
+
+
+def _block_statistics(s1, s2, pc, mode, delta, buf, tmp) -> dict[str, np.ndarray]:
+    n = s1.shape[1]
+    out = {}
+    if mode == "change":
+        # LFC >= delta  <=>  (s1 + pc) / (s2 + pc) >= 2**delta: the counts need no logarithm
+        ratio = torch.add(s1, pc, out=buf).div_(torch.add(s2, pc, out=tmp))
+        out["up"] = _fraction(torch.ge(ratio, 2.0**delta, out=tmp))
+        out["down"] = _fraction(torch.lt(ratio, 2.0**-delta, out=tmp))
+    else:
+        out["greater"] = _fraction(torch.gt(s1, s2, out=buf))
+    # LFC summaries use a 1000x smaller offset, as scvi-tools
+    lfc = torch.add(s1, 1e-3 * pc, out=buf).div_(torch.add(s2, 1e-3 * pc, out=tmp)).log2_()
+    mean = lfc.sum(1) / n
+    std = (torch.sub(lfc, mean[:, None], out=tmp).square_().sum(1) / n).sqrt()
+    median, low, high = _order_statistics(lfc, by_sort=lfc.device.type != "cpu")  # reorders lfc in place
+    out.update(lfc_mean=_np(mean), lfc_median=median, lfc_std=_np(std), lfc_min=low, lfc_max=high)
+    return out
 
 
 def _order_statistics(x: torch.Tensor, by_sort: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -654,20 +674,17 @@ def _compare(s1, s2, raw1, raw2, genes, mode, delta, fdr_target, pseudocounts, c
     n = min(s1.shape[1], s2.shape[1])  # row-aligned pairs; within a batch when both used the same batches
     s1, s2 = s1[:, :n], s2[:, :n]
     pc = _pseudocount(s1, s2, raw1, raw2) if pseudocounts is None else float(pseudocounts)
-    buf, tmp = work.get(s1)
+    stats = _per_gene_statistics(s1, s2, pc, mode, delta, work)
     cols: dict[str, np.ndarray | float] = {}
     if mode == "change":
-        # LFC >= delta  <=>  (s1 + pc) / (s2 + pc) >= 2**delta: the counts need no logarithm
-        ratio = torch.add(s1, pc, out=buf).div_(torch.add(s2, pc, out=tmp))
-        up, down = _fraction(torch.ge, ratio, 2.0**delta, tmp), _fraction(torch.lt, ratio, 2.0**-delta, tmp)
-        proba = np.maximum(up, down)
+        proba = np.maximum(stats.pop("up"), stats.pop("down"))
         cols.update(proba_de=proba, proba_not_de=1 - proba)
     else:
-        proba = _fraction(torch.gt, s1, s2, buf)
+        proba = stats.pop("greater")
         cols.update(proba_m1=proba, proba_m2=1 - proba)
     cols["bayes_factor"] = np.log(proba + EPS) - np.log(1 - proba + EPS)
     cols.update(scale1=scale1, scale2=scale2, pseudocounts=pc, delta=float(delta))
-    cols.update(_lfc_summaries(s1, s2, 1e-3 * pc, buf, tmp))  # smaller offset for the LFC estimate
+    cols.update(stats)
     for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean"):
         cols[f"{k}1"], cols[f"{k}2"] = raw1[k], raw2[k]
     df = pd.DataFrame(cols, index=pd.Index(genes, name="gene"))
