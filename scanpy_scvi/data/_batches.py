@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -72,8 +74,15 @@ class MinibatchSource:
         padded[:, self.positions] = block
         return padded
 
-    def get(self, idx: np.ndarray, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def get(self, idx: np.ndarray, device: torch.device | str = "cpu", sparse: bool = False) -> dict[str, torch.Tensor]:
+        """Tensors of the cells ``idx``. ``sparse=True`` gives ``X`` as a torch CSR tensor when the
+        counts are an in-memory CSR matrix with every model gene present (else dense)."""
         idx = np.asarray(idx)
+        if sparse and sp.issparse(self.X) and self.X.format == "csr" and self.positions is None:
+            out = {"X": _torch_csr(self.X[idx] if self.gene_idx is None else self.X[idx][:, self.gene_idx])}
+            for key, values in self.obs.items():
+                out[key] = torch.from_numpy(np.ascontiguousarray(values[idx]))
+            return {k: v.to(device) for k, v in out.items()}
         if self._backed and np.any(np.diff(idx) < 0):
             order = np.argsort(idx, kind="stable")
             X = np.empty((len(idx), self.n_vars), dtype=np.float32)
@@ -84,3 +93,17 @@ class MinibatchSource:
         for key, values in self.obs.items():
             out[key] = torch.from_numpy(np.ascontiguousarray(values[idx]))
         return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+
+def _torch_csr(block: sp.csr_matrix) -> torch.Tensor:
+    """A scipy CSR block as a float32 torch CSR tensor (indices are trusted: scipy built them)."""
+    block = block.astype(np.float32, copy=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(block.indptr.astype(np.int64)),
+            torch.from_numpy(block.indices.astype(np.int64)),
+            torch.from_numpy(block.data),
+            size=block.shape,
+            check_invariants=False,
+        )

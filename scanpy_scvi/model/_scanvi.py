@@ -242,7 +242,7 @@ class SCANVI(SCVI):
     def _label_probabilities(self, bound: BoundData, idx: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         out = np.empty((len(idx), self.setup.n_labels), dtype=np.float32)
         with self._inference():
-            for rows, t in self._minibatches(bound, idx, batch_size):
+            for rows, t in self._minibatches(bound, idx, batch_size, encoder_only=True):
                 out[rows] = _np(torch.softmax(self.module.classify(t), dim=-1))
         return out
 

@@ -49,11 +49,22 @@ class FCLayers(nn.Module):
             self.layers.append(nn.Sequential(*block))
 
     def forward(self, x: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
-        for inject, layer in zip(self.inject, self.layers):
+        """``x``: (cells, n_in) or (samples, cells, n_in); or a sparse CSR (cells, n_in) input."""
+        for i, (inject, layer) in enumerate(zip(self.inject, self.layers)):
+            if i == 0 and x.layout == torch.sparse_csr:
+                x = layer[1:](_sparse_linear(layer[0], x, cov if inject else None))
+                continue
             if inject:
                 x = torch.cat([x, _broadcast_like(cov, x)], dim=-1)
             x = _apply_2d(layer, x)
         return x
+
+
+def _sparse_linear(linear: nn.Linear, x: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
+    """``linear(cat([x, cov]))`` for a sparse CSR ``x``: only its nonzero entries are multiplied."""
+    n = x.shape[-1]
+    out = torch.addmm(linear.bias, x, linear.weight[:, :n].T)
+    return out if cov is None else out.addmm_(cov, linear.weight[:, n:].T)
 
 
 def _broadcast_like(cov: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -150,8 +150,11 @@ class VAE(nn.Module):
 
     # -- q(z, l | x) ------------------------------------------------------------------------
     def inference(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> dict[str, torch.Tensor]:
+        """q(z | x) (and q(l | x)). ``tensors['X']`` may be a sparse CSR tensor (inference only)."""
         x = tensors["X"]
-        enc_in = torch.log1p(x)
+        if x.layout == torch.sparse_csr and self.encode_covariates and tensors.get("cont_covs") is not None:
+            x = x.to_dense()  # continuous covariates are extra encoder input columns
+        enc_in = torch.log1p(x)  # keeps a sparse x sparse
         cov = None
         if self.encode_covariates:
             cont = tensors.get("cont_covs")
@@ -164,7 +167,8 @@ class VAE(nn.Module):
         out["z_untransformed"] = z
         out["z"] = self._as_decoder_z(z)
         if self.use_observed_lib_size:
-            library = torch.log(x.sum(dim=-1, keepdim=True))
+            total = x.sum(dim=-1, keepdim=True)
+            library = torch.log(total.to_dense() if total.layout == torch.sparse_csr else total)
             out["library"] = library.expand(n_samples, *library.shape) if n_samples > 1 else library
         else:
             ql_m, ql_v = self.l_encoder(enc_in, cov)

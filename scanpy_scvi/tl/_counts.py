@@ -96,7 +96,7 @@ def batch_corrected_counts(
 
     blocks = []
     with _seeded(random_state, model.device), model._inference():
-        for rows, t in model._minibatches(bound, idx, batch_size):
+        for rows, t in model._minibatches(bound, idx, batch_size, encoder_only=True):
             inf = model.module.inference(t)
             gens = [model.module.generative(inf["z"], inf["library"], t, transform_batch=c) for c in codes]
             rho = sum(g["px_scale"] for g in gens) / len(gens)

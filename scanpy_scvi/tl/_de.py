@@ -450,7 +450,7 @@ class _PosteriorSampler:
         self.qz_m = torch.empty((len(cells), k), device=model.device)
         self.qz_v = torch.empty((len(cells), k), device=model.device)
         with model._inference():
-            for rows, t in model._minibatches(bound, cells, batch_size):
+            for rows, t in model._minibatches(bound, cells, batch_size, encoder_only=True):
                 inf = model.module.inference(t)
                 self.qz_m[rows], self.qz_v[rows] = inf["qz_m"], inf["qz_v"]
 
