@@ -7,6 +7,7 @@ import sys
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import torch
@@ -302,3 +303,23 @@ def test_order_statistics_by_partition_and_by_sort_agree(n):
         np.testing.assert_allclose(median, np.median(x, 1), rtol=1e-6)
         np.testing.assert_array_equal(low, x.min(1))
         np.testing.assert_array_equal(high, x.max(1))
+
+
+@needs_ifnb
+def test_scanvi_model_finds_interferon_genes(ifnb):
+    """DE through a scANVI model (started from the fitted scVI, half the labels hidden): the ISGs
+    are up in stimulated CD14 monocytes, as with scVI."""
+    adata = ifnb.copy()
+    labels = adata.obs["cell_type"].astype(str).to_numpy().copy()
+    labels[np.random.default_rng(0).random(adata.n_obs) < 0.5] = "Unknown"
+    adata.obs["partial_labels"] = pd.Categorical(labels)
+    scvi_model = ss.SCVI.from_anndata(adata)
+    model = ss.SCANVI.from_scvi_model(scvi_model, labels_key="partial_labels", unlabeled_category="Unknown")
+    model.train(max_epochs=5, progress_bar=False)
+    mono, stim = _cd14(adata)
+    df = ss.tl.differential_expression(
+        adata, idx1=mono & stim, idx2=mono & ~stim, model=model, inplace=False, progress_bar=False
+    )
+    hits = df.loc[ISGS]
+    assert hits["is_de_fdr_0.05"].all(), hits
+    assert (hits["lfc_median"] > 1).all(), hits
