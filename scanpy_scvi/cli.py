@@ -1,4 +1,4 @@
-"""The ``scanpy-scvi`` command: ``fit`` an h5ad file, or run the ``demo``."""
+"""The ``scanpy-scvi`` command: ``fit`` an h5ad file, ``map`` a query onto a reference, or run the ``demo``."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _add_hvgs(adata, *, n_top_genes: int, layer: str | None, batch_key: str | No
 def _fit(args: argparse.Namespace) -> int:
     import anndata as ad
 
-    from .pp import scvi
+    from .pp import REFERENCE_MAPPING, scvi
 
     adata = ad.read_h5ad(args.input)
     for key in (args.batch_key, args.labels_key):
@@ -58,12 +58,43 @@ def _fit(args: argparse.Namespace) -> int:
         random_state=args.seed,
         expression=not args.latent_only,
         progress_bar=not args.quiet,
+        **(REFERENCE_MAPPING if args.reference_mapping else {}),
     )
     adata.write_h5ad(args.output, compression="gzip")
     print(f"wrote {args.output}")
     if args.model_dir:
         model.save(args.model_dir, overwrite=args.overwrite)
         print(f"saved the model to {args.model_dir}")
+    return 0
+
+
+def _map(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from .tl import map_query
+
+    reference = Path(args.reference)
+    if not reference.exists():
+        msg = f"reference {str(reference)!r} not found: give a model directory (fit --model-dir) or an .h5ad from fit."
+        raise OSError(msg)
+    if reference.is_file():
+        reference = ad.read_h5ad(reference)
+    query = ad.read_h5ad(args.input)
+    model = map_query(
+        query,
+        reference,
+        batch_key=args.batch_key,
+        labels_key=args.labels_key,
+        max_epochs=args.epochs,
+        device=args.device,
+        random_state=args.seed,
+        progress_bar=not args.quiet,
+    )
+    query.write_h5ad(args.output, compression="gzip")
+    print(f"wrote {args.output}")
+    if args.model_dir:
+        model.save(args.model_dir, overwrite=args.overwrite)
+        print(f"saved the query model to {args.model_dir}")
     return 0
 
 
@@ -80,7 +111,9 @@ def _demo(args: argparse.Namespace) -> int:
     out = Path(args.outdir)
     out.mkdir(parents=True, exist_ok=True)
     adata = cellbench_lung()
-    print(f"CellBench lung cell lines: {adata.n_obs} cells x {adata.n_vars} genes, {adata.obs['batch'].nunique()} batches")
+    print(
+        f"CellBench lung cell lines: {adata.n_obs} cells x {adata.n_vars} genes, {adata.obs['batch'].nunique()} batches"
+    )
     sc.pp.normalize_total(adata, target_sum=1e4)  # X becomes log-normalised; counts stay in the layer
     sc.pp.log1p(adata)
     sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=2000, batch_key="batch")
@@ -119,12 +152,33 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--all-genes", action="store_true", help="train on all genes instead of HVGs")
     fit.add_argument("--linear-decoder", action="store_true", help="fit LDVAE (writes uns['ldvae_loadings'])")
     fit.add_argument("--latent-only", action="store_true", help="skip the dense denoised/sample-rate matrices")
+    fit.add_argument(
+        "--reference-mapping",
+        action="store_true",
+        help="train with the scArches recipe (pp.REFERENCE_MAPPING), as a reference for `map`",
+    )
     fit.add_argument("--model-dir", help="also save the trained model to this directory")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing --model-dir")
     fit.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     fit.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=_fit)
+
+    mapq = sub.add_parser("map", help="map a query h5ad onto a reference model (scArches surgery)")
+    mapq.add_argument("input", help="query .h5ad with raw counts (genes matched to the reference by name)")
+    mapq.add_argument("-r", "--reference", required=True, help="model directory (fit --model-dir) or .h5ad from fit")
+    mapq.add_argument("-o", "--output", required=True, help="output .h5ad (obsm['X_scvi'] or ['X_scanvi'], labels)")
+    mapq.add_argument("--batch-key", help="obs column of the query's batches (default: the reference's)")
+    mapq.add_argument(
+        "--labels-key", help="labels to transfer: a reference .h5ad's obs column (kNN vote), or a scANVI model's"
+    )
+    mapq.add_argument("--epochs", type=int, default=None, help="query training epochs (default: map_query's)")
+    mapq.add_argument("--model-dir", help="also save the query model to this directory")
+    mapq.add_argument("--overwrite", action="store_true", help="replace an existing --model-dir")
+    mapq.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    mapq.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    mapq.add_argument("--quiet", action="store_true", help="no progress bar")
+    mapq.set_defaults(func=_map)
 
     demo = sub.add_parser("demo", help="run scVI on the bundled CellBench dataset and plot a UMAP")
     demo.add_argument("--outdir", default="scanpy_scvi_demo", help="output folder (default ./scanpy_scvi_demo)")

@@ -103,3 +103,35 @@ def test_unreadable_input_is_exit_code_2(tmp_path, capsys):
     bad.write_bytes(b"not an hdf5 file")
     assert main(["fit", str(bad), "-o", str(tmp_path / "o.h5ad")]) == 2
     assert "scanpy-scvi: error:" in capsys.readouterr().err
+
+
+def test_map_query_onto_fitted_reference(tmp_path, capsys):
+    """fit a reference (model dir and h5ad), then map a query with a new batch onto either."""
+    full = synthetic_counts(n_obs=240, n_vars=60, n_batches=3, random_state=2)
+    last = full.obs["batch"].cat.categories[-1]
+    ref_path, query_path = tmp_path / "ref.h5ad", tmp_path / "query.h5ad"
+    full[full.obs["batch"] != last].copy().write_h5ad(ref_path)
+    query = full[full.obs["batch"] == last].copy()
+    query.obs = query.obs[["batch"]]  # the query has no labels
+    query.write_h5ad(query_path)
+    fitted, model_dir = tmp_path / "ref_fit.h5ad", tmp_path / "ref_model"
+    common = ["--device", "cpu", "--quiet"]
+    assert main(["fit", str(ref_path), "-o", str(fitted), "--batch-key", "batch", "--epochs", "3",
+                 "--all-genes", "--reference-mapping", "--model-dir", str(model_dir), *common]) == 0  # fmt: skip
+
+    out = tmp_path / "mapped.h5ad"
+    assert main(["map", str(query_path), "-r", str(model_dir), "-o", str(out), "--epochs", "2", *common]) == 0
+    mapped = ad.read_h5ad(out)
+    assert mapped.obsm["X_scvi"].shape == (query.n_obs, 10)
+    assert np.isfinite(mapped.obsm["X_scvi"]).all()
+
+    labelled = tmp_path / "labelled.h5ad"
+    rc = main(["map", str(query_path), "-r", str(fitted), "-o", str(labelled), "--labels-key", "labels",
+               "--epochs", "2", "--model-dir", str(tmp_path / "query_model"), *common])  # fmt: skip
+    assert rc == 0
+    pred = ad.read_h5ad(labelled).obs["labels_pred"]
+    assert set(pred.astype(str)) <= set(full.obs["labels"].astype(str))
+    assert (tmp_path / "query_model").is_dir()
+
+    assert main(["map", str(query_path), "-r", str(tmp_path / "nowhere"), "-o", str(out), *common]) == 2
+    assert "not found" in capsys.readouterr().err
