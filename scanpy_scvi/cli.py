@@ -60,11 +60,7 @@ def _fit(args: argparse.Namespace) -> int:
         progress_bar=not args.quiet,
         **(REFERENCE_MAPPING if args.reference_mapping else {}),
     )
-    adata.write_h5ad(args.output, compression="gzip")
-    print(f"wrote {args.output}")
-    if args.model_dir:
-        model.save(args.model_dir, overwrite=args.overwrite)
-        print(f"saved the model to {args.model_dir}")
+    _write(adata, model, args, "the model")
     return 0
 
 
@@ -90,12 +86,17 @@ def _map(args: argparse.Namespace) -> int:
         random_state=args.seed,
         progress_bar=not args.quiet,
     )
-    query.write_h5ad(args.output, compression="gzip")
+    _write(query, model, args, "the query model")
+    return 0
+
+
+def _write(adata, model, args: argparse.Namespace, what: str) -> None:
+    """Write the output h5ad and, with ``--model-dir``, the model."""
+    adata.write_h5ad(args.output, compression="gzip")
     print(f"wrote {args.output}")
     if args.model_dir:
         model.save(args.model_dir, overwrite=args.overwrite)
-        print(f"saved the query model to {args.model_dir}")
-    return 0
+        print(f"saved {what} to {args.model_dir}")
 
 
 def _demo(args: argparse.Namespace) -> int:
