@@ -74,22 +74,23 @@ class MinibatchSource:
         padded[:, self.positions] = block
         return padded
 
+    def _read_any_order(self, idx: np.ndarray) -> np.ndarray:
+        if not (self._backed and np.any(np.diff(idx) < 0)):
+            return self._read(idx)
+        order = np.argsort(idx, kind="stable")  # h5py reads increasing rows only
+        X = np.empty((len(idx), self.n_vars), dtype=np.float32)
+        X[order] = self._read(idx[order])
+        return X
+
     def get(self, idx: np.ndarray, device: torch.device | str = "cpu", sparse: bool = False) -> dict[str, torch.Tensor]:
         """Tensors of the cells ``idx``. ``sparse=True`` gives ``X`` as a torch CSR tensor when the
         counts are an in-memory CSR matrix with every model gene present (else dense)."""
         idx = np.asarray(idx)
         if sparse and sp.issparse(self.X) and self.X.format == "csr" and self.positions is None:
-            out = {"X": _torch_csr(self.X[idx] if self.gene_idx is None else self.X[idx][:, self.gene_idx])}
-            for key, values in self.obs.items():
-                out[key] = torch.from_numpy(np.ascontiguousarray(values[idx]))
-            return {k: v.to(device) for k, v in out.items()}
-        if self._backed and np.any(np.diff(idx) < 0):
-            order = np.argsort(idx, kind="stable")
-            X = np.empty((len(idx), self.n_vars), dtype=np.float32)
-            X[order] = self._read(idx[order])
+            X = _torch_csr(self.X[idx] if self.gene_idx is None else self.X[idx][:, self.gene_idx])
         else:
-            X = self._read(idx)
-        out = {"X": torch.from_numpy(X)}
+            X = torch.from_numpy(self._read_any_order(idx))
+        out = {"X": X}
         for key, values in self.obs.items():
             out[key] = torch.from_numpy(np.ascontiguousarray(values[idx]))
         return {k: v.to(device, non_blocking=True) for k, v in out.items()}

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._compat import logg
+from ..model._scvi import DEFAULT_INFERENCE_BATCH, _np, _seeded
 from ._model import resolve_model
 
 if TYPE_CHECKING:
@@ -333,8 +334,6 @@ def _run(
     progress_bar, batch_size,
 ) -> pd.DataFrame:  # fmt: skip
     """Sample both groups of every comparison and test; one DataFrame for all comparisons."""
-    from ..model._scvi import _seeded
-
     bound = model._require_data(adata)  # checks genes and batches of adata against the model
     stats = _RawStats(bound)
     rng = np.random.default_rng(random_state)
@@ -443,7 +442,7 @@ class _PosteriorSampler:
     def __init__(self, model: SCVI, bound: BoundData, cells: np.ndarray, batch_size: int | None):
         self.model, self.bound = model, bound
         self.n_genes = bound.source.n_vars
-        self.batch_size = batch_size or 1024
+        self.batch_size = batch_size or DEFAULT_INFERENCE_BATCH
         self.row = np.full(bound.n_obs, -1, dtype=np.int64)
         self.row[cells] = np.arange(len(cells))
         k = model.module.n_latent
@@ -478,13 +477,16 @@ class _Draws:
     def __init__(self, sampler: _PosteriorSampler, codes: list[int | None], n_samples: int, rng):
         self.sampler, self.codes, self.rng = sampler, codes, rng
         self.per_code = max(n_samples // len(codes), 2)
-        self._out = sampler.empty(self.per_code * len(codes))
+        self.buffer = self.empty()  # reused by every call of ``of`` without ``out``
+
+    def empty(self) -> torch.Tensor:
+        return self.sampler.empty(self.per_code * len(self.codes))
 
     def columns(self, i: int) -> slice:
         return slice(i * self.per_code, (i + 1) * self.per_code)
 
     def of(self, cells: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-        out = self._out if out is None else out
+        out = self.buffer if out is None else out
         for i, code in enumerate(self.codes):
             self.sampler.draw(self.rng.choice(cells, self.per_code), code, out[:, self.columns(i)])
         return out
@@ -530,12 +532,11 @@ class _Group2Draws:
         if self._pools is not None and id(comp) in self._block_of:
             return self._from_pools(comp, self._block_of[id(comp)])
         if self._last is None or not np.array_equal(self._last[0], comp.cells2):
-            out = self.draws.sampler.empty(self.draws.per_code * len(self.draws.codes))
-            self._last = (comp.cells2, self.draws.of(comp.cells2, out))
+            self._last = (comp.cells2, self.draws.of(comp.cells2, self.draws.empty()))  # kept: own buffer
         return self._last[1]
 
     def _from_pools(self, comp: _Comparison, g: int) -> torch.Tensor:
-        d, out = self.draws, self.draws._out
+        d, out = self.draws, self.draws.buffer
         for i, (code, (freq, sizes)) in enumerate(zip(d.codes, self._pools)):
             available = sizes.copy()
             available[g] = 0
@@ -588,8 +589,6 @@ def _means(sums: np.ndarray, n: int) -> dict[str, np.ndarray]:
 
 
 # -- tests --------------------------------------------------------------------------------------------------
-# Samples are gene-major (genes, draws) so that every per-gene reduction runs over contiguous
-# memory; the two (genes, pairs) work buffers are reused for every step of a comparison.
 
 
 def _pseudocount(s1: torch.Tensor, s2: torch.Tensor, raw1, raw2, threshold: float = 0.01) -> float:
@@ -647,8 +646,9 @@ def _order_statistics(x: torch.Tensor, by_sort: bool) -> tuple[np.ndarray, np.nd
     n = x.shape[1]
     if by_sort:
         ordered = x.sort(dim=1).values
-        median = (ordered[:, (n - 1) // 2].double() + ordered[:, n // 2]) / 2
-        return _np(median), _np(ordered[:, 0]), _np(ordered[:, -1])
+        lower, upper = _np(ordered[:, (n - 1) // 2]), _np(ordered[:, n // 2])
+        median = upper if n % 2 else (lower.astype(np.float64) + upper) / 2  # as the partition path
+        return median, _np(ordered[:, 0]), _np(ordered[:, -1])
     part = x.numpy()
     part.partition(n // 2, axis=1)
     low, middle, high = part[:, : n // 2], part[:, n // 2], part[:, n // 2 :]
@@ -694,10 +694,6 @@ def _compare(s1, s2, raw1, raw2, genes, mode, delta, fdr_target, pseudocounts, c
     df["comparison"] = f"{comp.label1} vs {comp.label2}"
     df["group1"], df["group2"] = comp.label1, comp.label2
     return df
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
 
 
 def _fdr_flags(proba_sorted_desc: np.ndarray, target: float) -> np.ndarray:
