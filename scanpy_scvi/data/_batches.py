@@ -82,18 +82,45 @@ class MinibatchSource:
         X[order] = self._read(idx[order])
         return X
 
-    def get(self, idx: np.ndarray, device: torch.device | str = "cpu", sparse: bool = False) -> dict[str, torch.Tensor]:
-        """Tensors of the cells ``idx``. ``sparse=True`` gives ``X`` as a torch CSR tensor when the
-        counts are an in-memory CSR matrix with every model gene present (else dense)."""
+    def get(
+        self, idx: np.ndarray, device: torch.device | str = "cpu", sparse: bool = False, nonzero: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Tensors of the cells ``idx``.
+
+        ``sparse=True`` gives ``X`` as a torch CSR tensor when the counts are an in-memory CSR
+        matrix with every model gene present (else dense). ``nonzero=True`` adds, for a dense
+        ``X`` read from an in-memory CSR matrix, ``nz_index``: the flat positions of its
+        nonzero entries, taken from the CSR structure (cheaper than searching the block).
+        """
         idx = np.asarray(idx)
-        if sparse and sp.issparse(self.X) and self.X.format == "csr" and self.positions is None:
-            X = _torch_csr(self.X[idx] if self.gene_idx is None else self.X[idx][:, self.gene_idx])
+        csr = sp.issparse(self.X) and self.X.format == "csr"
+        out = {}
+        if csr and (sparse or nonzero) and self.positions is None:
+            block = self.X[idx] if self.gene_idx is None else self.X[idx][:, self.gene_idx]
+            if sparse:
+                out["X"] = _torch_csr(block)
+            else:
+                dense = block.toarray().astype(np.float32, copy=False)
+                out["X"] = torch.from_numpy(dense)
+                out["nz_index"] = torch.from_numpy(_flat_nonzero(block, dense))
         else:
-            X = torch.from_numpy(self._read_any_order(idx))
-        out = {"X": X}
+            out["X"] = torch.from_numpy(self._read_any_order(idx))
         for key, values in self.obs.items():
             out[key] = torch.from_numpy(np.ascontiguousarray(values[idx]))
         return {k: v.to(device, non_blocking=True) for k, v in out.items()}
+
+
+def _flat_nonzero(block: sp.csr_matrix, dense: np.ndarray) -> np.ndarray:
+    """Row-major flat positions of the nonzero entries of ``dense``, read from its CSR ``block``.
+
+    Falls back to searching ``dense`` when the structure is not one entry per nonzero
+    (explicit zeros or duplicate entries, which ``toarray`` sums).
+    """
+    n, g = block.shape
+    flat = np.repeat(np.arange(n, dtype=np.int64) * g, np.diff(block.indptr)) + block.indices
+    if np.count_nonzero(dense) != len(flat):
+        flat = np.flatnonzero(dense)
+    return flat
 
 
 def _torch_csr(block: sp.csr_matrix) -> torch.Tensor:

@@ -89,7 +89,7 @@ class SCANVAE(VAE):
         code is a known label enter the cross-entropy (at the posterior mean of z).
         """
         inf, gen = self(tensors)
-        recon_x = -self.log_likelihood(tensors["X"], gen)
+        recon_x = -self.log_likelihood(tensors["X"], gen, tensors.get("nz_index"))
         z = inf["z_untransformed"]
         n_cells, n_lab = z.shape[0], self.n_labels
         probs = torch.softmax(self.classifier(inf["z"]), dim=-1)  # q(y | z), (cells, K)
@@ -126,7 +126,7 @@ class SCANVAE(VAE):
         if n == 0 or (self.training and n < 2):  # batch norm cannot train on one cell
             zero = torch.zeros((), device=known.device)
             return {"classification_loss": zero, "n_labelled": 0, "n_correct": 0}
-        sub = {k: v[known] for k, v in tensors.items()}
+        sub = {k: v[known] for k, v in tensors.items() if k != "nz_index"}
         logits = self.classify(sub)
         return {
             "classification_loss": F.cross_entropy(logits, sub["labels"]),

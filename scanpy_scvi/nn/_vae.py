@@ -9,6 +9,8 @@ minibatch is a dict with
 ``cat_covs``   (cells, k) int64 codes of extra categorical covariates, or absent
 ``cont_covs``  (cells, c) float continuous covariates, or absent
 ``size_factor`` (cells, 1) float, or absent
+``nz_index``   (nnz,) int64 flat row-major positions of the nonzero entries of ``X``, or
+               absent (then found from ``X``); not per cell: dropped when cells are subset
 """
 
 from __future__ import annotations
@@ -250,18 +252,22 @@ class VAE(nn.Module):
         px_scale = self._px_scale(h)
         return px_scale * torch.exp(self.log_library(library, tensors)) if scaled_by_library else px_scale
 
-    def log_likelihood(self, x: torch.Tensor, gen: dict[str, torch.Tensor]) -> torch.Tensor:
+    def log_likelihood(
+        self, x: torch.Tensor, gen: dict[str, torch.Tensor], nz_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """log p(x | z, l) summed over genes; shape = leading dims of ``px_rate`` without genes.
 
         For one draw per cell (the training case) the sum is taken over the nonzero counts
-        with :func:`summed_log_likelihood`; with several draws, elementwise.
+        with :func:`summed_log_likelihood`, at ``nz_index`` (flat positions of the nonzero
+        entries of ``x``, found here when not given); with several draws, elementwise.
         """
         mu = gen["px_rate"]
         if mu.dim() == 2:
-            rows, cols = (x > 0).nonzero(as_tuple=True)
-            return summed_log_likelihood(
-                mu, gen["theta"], gen["zi_logits"], self.gene_likelihood, rows, cols, x[rows, cols]
-            )
+            if nz_index is None:
+                rows, cols = x.nonzero(as_tuple=True)
+                nz_index = rows * x.shape[1] + cols
+            nz_values = x.reshape(-1).index_select(0, nz_index)
+            return summed_log_likelihood(mu, gen["theta"], gen["zi_logits"], self.gene_likelihood, nz_index, nz_values)
         return self.elementwise_log_likelihood(x, gen).sum(dim=-1)
 
     def elementwise_log_likelihood(self, x: torch.Tensor, gen: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -287,7 +293,7 @@ class VAE(nn.Module):
         loss = mean over cells of [recon + kl_weight * kl_z + kl_l]; only the z-KL is warmed up.
         """
         inf, gen = self(tensors)
-        recon = -self.log_likelihood(tensors["X"], gen)
+        recon = -self.log_likelihood(tensors["X"], gen, tensors.get("nz_index"))
         kl_z = _kl_normal_std(inf["qz_m"], inf["qz_v"]).sum(-1)
         kl_l = torch.zeros_like(kl_z)
         if not self.use_observed_lib_size:

@@ -107,7 +107,7 @@ def train_vae(
             extra = {}
             if labelled_stream is not None:
                 extra = {"labelled": source.get(next(labelled_stream), device), "classification_ratio": config.classification_ratio}
-            out = module.loss(source.get(idx, device), kl_weight=kl_weight, **extra)
+            out = module.loss(source.get(idx, device, nonzero=True), kl_weight=kl_weight, **extra)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             for p, mask in masked:
@@ -162,7 +162,7 @@ def evaluate(
     sums = _Sums()
     semi = getattr(module, "is_semisupervised", False)
     for start in range(0, len(idx), batch_size):
-        tensors = source.get(idx[start : start + batch_size], device)
+        tensors = source.get(idx[start : start + batch_size], device, nonzero=True)
         extra = {"labelled": tensors} if semi else {}  # known labels among these cells
         sums.add(module.loss(tensors, kl_weight=kl_weight, **extra))
     module.train(was_training)
