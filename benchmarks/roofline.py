@@ -68,7 +68,7 @@ def main() -> None:
     model = SCVI(adata, genes=list(adata.var_names[adata.var["highly_variable"]]), batch_key="batch")
     module = model.module
     if args.dense_likelihood:
-        module.log_likelihood = lambda x, gen: module.elementwise_log_likelihood(x, gen).sum(-1)
+        module.log_likelihood = lambda x, gen, nz_index=None: module.elementwise_log_likelihood(x, gen).sum(-1)
 
     # Which linear layers run in a training step (the library encoder and gene-cell head may not exist).
     used: set[str] = set()
@@ -79,7 +79,7 @@ def main() -> None:
     ]
     rng = np.random.default_rng(0)
     batches = [
-        model._bound.source.get(rng.choice(adata.n_obs, args.batch_size, replace=False)) for _ in range(args.steps)
+        model._bound.source.get(rng.choice(adata.n_obs, args.batch_size, replace=False), nonzero=True) for _ in range(args.steps)
     ]
     module.train()
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-3, eps=0.01, weight_decay=1e-6)
