@@ -11,6 +11,7 @@ cost is about ``n_samples`` decodes per group. Results are written in the layout
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -454,7 +455,7 @@ class _PosteriorSampler:
                 self.qz_m[rows], self.qz_v[rows] = inf["qz_m"], inf["qz_v"]
 
     def empty(self, n_draws: int) -> torch.Tensor:
-        return torch.empty((self.n_genes, n_draws), device=self.model.device)
+        return _empty((self.n_genes, n_draws), self.model.device)
 
     def draw(self, cells: np.ndarray, code: int | None, out: torch.Tensor) -> torch.Tensor:
         """One draw per entry of ``cells`` (repeats allowed), decoded in batch ``code`` (``None``:
@@ -604,12 +605,25 @@ GENE_BLOCK = 128  # genes per pass: a block's (genes, pairs) scratch stays in ca
 
 
 def _per_gene_statistics(s1, s2, pc: float, mode: str, delta: float, work: _WorkBuffers) -> dict[str, np.ndarray]:
-    """Test probabilities and LFC summaries of paired (genes, pairs) draws, a block of genes at a time."""
+    """Test probabilities and LFC summaries of paired (genes, pairs) draws, a block of genes at a time.
+
+    On the CPU the blocks are shared among ``torch.get_num_threads()`` worker threads, each
+    running whole blocks single-threaded: numpy's partition (the median) and logarithm have
+    no parallel version, and one block per core keeps its scratch in that core's cache.
+    """
     buf, tmp = work.get(s1)
-    parts = [
-        _block_statistics(s1[rows], s2[rows], pc, mode, delta, buf[rows], tmp[rows])
-        for rows in (slice(g, g + GENE_BLOCK) for g in range(0, s1.shape[0], GENE_BLOCK))
-    ]
+    blocks = [slice(g, g + GENE_BLOCK) for g in range(0, s1.shape[0], GENE_BLOCK)]
+
+    def statistics(rows: slice) -> dict[str, np.ndarray]:
+        return _block_statistics(s1[rows], s2[rows], pc, mode, delta, buf[rows], tmp[rows])
+
+    n_threads = torch.get_num_threads()
+    if s1.device.type != "cpu" or n_threads < 2 or len(blocks) < 2:
+        parts = [statistics(rows) for rows in blocks]
+    else:
+        with ThreadPoolExecutor(n_threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            parts = list(pool.map(statistics, blocks))
+        torch.set_num_threads(n_threads)  # for torch builds where the setting is shared by all threads
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
@@ -629,12 +643,20 @@ def _block_statistics(s1, s2, pc, mode, delta, buf, tmp) -> dict[str, np.ndarray
     else:
         out["greater"] = _fraction(torch.gt(s1, s2, out=buf))
     # LFC summaries use a 1000x smaller offset, as scvi-tools
-    lfc = torch.add(s1, 1e-3 * pc, out=buf).div_(torch.add(s2, 1e-3 * pc, out=tmp)).log2_()
+    lfc = _log2_(torch.add(s1, 1e-3 * pc, out=buf).div_(torch.add(s2, 1e-3 * pc, out=tmp)))
     mean = lfc.sum(1) / n
     std = (torch.sub(lfc, mean[:, None], out=tmp).square_().sum(1) / n).sqrt()
     median, low, high = _order_statistics(lfc, by_sort=lfc.device.type != "cpu")  # reorders lfc in place
     out.update(lfc_mean=_np(mean), lfc_median=median, lfc_std=_np(std), lfc_min=low, lfc_max=high)
     return out
+
+
+def _log2_(x: torch.Tensor) -> torch.Tensor:
+    """In-place log2; on the CPU by numpy, whose vectorised float32 log2 is ~3x torch's here."""
+    if x.device.type == "cpu":
+        np.log2(x.numpy(), out=x.numpy())
+        return x
+    return x.log2_()
 
 
 def _order_statistics(x: torch.Tensor, by_sort: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -665,8 +687,17 @@ class _WorkBuffers:
 
     def get(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._pair is None or self._pair[0].shape != like.shape or self._pair[0].device != like.device:
-            self._pair = (torch.empty(like.shape, device=like.device), torch.empty(like.shape, device=like.device))
+            self._pair = (_empty(like.shape, like.device), _empty(like.shape, like.device))
         return self._pair
+
+
+def _empty(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """An uninitialised float32 tensor; on the CPU allocated by numpy, which asks the kernel for
+    transparent huge pages for large arrays: first-touching tens of megabytes then takes ~500
+    page faults instead of ~10,000."""
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(np.empty(shape, dtype=np.float32))
+    return torch.empty(shape, device=device)
 
 
 def _compare(s1, s2, raw1, raw2, genes, mode, delta, fdr_target, pseudocounts, comp, work) -> pd.DataFrame:
