@@ -758,5 +758,5 @@ def _rank_genes_groups_layout(result: pd.DataFrame, *, mode: str, fdr_target: fl
     extra = [c for c in result.columns if c not in ("comparison", "group1", "group2", "pseudocounts", "delta")]
     for c in extra:
         dtype = bool if c.startswith("is_de_fdr") else np.float32
-        out[c] = records(lambda d, c=c: d[c].to_numpy(dtype))
+        out[c] = records(lambda d, c=c, dtype=dtype: d[c].to_numpy(dtype))
     return out
