@@ -562,14 +562,24 @@ class _RawStats:
         self._all: np.ndarray | None = None
 
     def _sums(self, cells: np.ndarray, chunk: int = 4096) -> np.ndarray:
-        """(3, genes): summed counts, nonzero indicators and counts scaled to 1e4 per cell."""
-        sums = np.zeros((3, self.bound.source.n_vars))
+        """(3, genes): summed counts, nonzero indicators and counts scaled to 1e4 per cell.
+
+        CSR counts are summed over their stored entries (no dense block is built)."""
+        n_genes = self.bound.source.n_vars
+        sums = np.zeros((3, n_genes))
         for start in range(0, len(cells), chunk):
             rows = cells[start : start + chunk]
-            X = self.bound.source.get(rows)["X"].numpy().astype(np.float64)
-            sums[0] += X.sum(0)
-            sums[1] += (X > 0).sum(0)
-            sums[2] += (X * (1e4 / self.bound.library[rows])[:, None]).sum(0)
+            X = self.bound.source.get(rows, sparse=True)["X"]
+            scale = 1e4 / self.bound.library[rows]
+            if X.layout == torch.sparse_csr:
+                values, genes = X.values().numpy().astype(np.float64), X.col_indices().numpy()
+                scale = np.repeat(scale, np.diff(X.crow_indices().numpy()))
+                sums[0] += np.bincount(genes, weights=values, minlength=n_genes)
+                sums[1] += np.bincount(genes, weights=values > 0, minlength=n_genes)
+                sums[2] += np.bincount(genes, weights=values * scale, minlength=n_genes)
+            else:
+                X = X.numpy().astype(np.float64)
+                sums += (X.sum(0), (X > 0).sum(0), (X * scale[:, None]).sum(0))
         return sums
 
     def total(self) -> np.ndarray:
