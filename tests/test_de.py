@@ -135,6 +135,15 @@ def test_raw_statistics_match_direct_computation(trained_model):
     np.testing.assert_allclose(
         ova["non_zeros_proportion2"], (rest > 0).mean(0)[adata.var_names.get_indexer(ova.index)], rtol=1e-6
     )
+    # the CSR path (sums over stored entries) and the dense path agree
+    dense = adata.copy()
+    dense.X = X
+    ova_dense = ss.tl.differential_expression(
+        dense, groupby="labels", group1="label_0", model=trained_model, n_samples=100, inplace=False,
+        progress_bar=False,
+    )  # fmt: skip
+    for col in ("raw_mean1", "raw_mean2", "non_zeros_proportion1", "non_zeros_proportion2", "raw_normalized_mean1"):
+        np.testing.assert_allclose(ova_dense[col], ova[col], rtol=1e-12)
 
 
 def test_vanilla_mode_and_batch_correction(trained_model):
