@@ -157,9 +157,9 @@ def _log_likelihood_and_derivatives(mu, theta, zi_logits, likelihood, flat, x, e
     log_total = torch.log(total)
     log_theta = torch.log(theta + eps)
     nb_zero = (log_theta - log_total).mul_(theta)  # log NB(0 | mu, theta), needed everywhere
-    total_nz = mu_nz + theta_nz + eps
+    total_nz = at_nz(total)
     nonzero_terms = (
-        x * (torch.log(mu_nz + eps) - torch.log(total_nz))
+        x * (torch.log(mu_nz + eps) - at_nz(log_total))
         + torch.lgamma(x + theta_nz)
         - _per_nonzero(torch.lgamma, theta, theta_nz, nz_cols)
         - log_x_factorial
