@@ -288,6 +288,31 @@ def test_pooled_rest_draws_are_uniform_over_the_rest(sizes):
     assert sampler.decoded < 2 * n * len(comps)  # the pool saves decoding
 
 
+def test_own_group_draws_from_the_pool_cost_no_decoding():
+    """One-vs-rest: each group's own draws start with the pool's draws of that group, so the
+    whole loop decodes n_samples per group (pool included); group 1 stays uniform over its cells."""
+    from scanpy_scvi.tl._de import REST, _Comparison, _Draws, _Group2Draws
+
+    sizes = [300, 200, 100, 50, 350]
+    n_obs, n = sum(sizes), 4000
+    groups = np.repeat(np.arange(len(sizes)), sizes)
+    comps = [_Comparison(str(g), REST, np.flatnonzero(groups == g), np.flatnonzero(groups != g)) for g in range(5)]
+    sampler = _CellIdSampler(n_obs)
+    rng = np.random.default_rng(0)
+    group1, group2 = _Draws(sampler, [None], n, rng), _Group2Draws(sampler, comps, [None], n, rng)
+    for comp in comps:
+        own = group2.own_draws(comp)
+        assert 0 < own[0].shape[1] < n and np.isin(own[0].numpy(), comp.cells1).all()
+        drawn = group1.of(comp.cells1, decoded=own)[0].numpy().astype(int)
+        np.testing.assert_array_equal(drawn[: own[0].shape[1]], own[0][0].numpy())
+        assert np.isin(drawn, comp.cells1).all()
+        k = len(comp.cells1)
+        chi2 = (((np.bincount(drawn - comp.cells1[0], minlength=k) - n / k) ** 2) / (n / k)).sum()
+        assert chi2 < (k - 1) + 5 * np.sqrt(2 * (k - 1))  # uniform over the group's cells
+        group2.of(comp)
+    assert sampler.decoded == n * len(comps)
+
+
 def test_repeated_reference_group_is_decoded_once():
     from scanpy_scvi.tl._de import _Comparison, _Group2Draws
 

@@ -346,7 +346,9 @@ def _run(
         group2 = _Group2Draws(sampler, comparisons, codes2, n_samples, rng)
         work = _WorkBuffers()
         for comp in tqdm(comparisons, desc="DE", unit="comparison", disable=not progress_bar):
-            s1, s2 = group1.of(comp.cells1), group2.of(comp)
+            # one-vs-rest: group 1's draws in the rest pool are reused, so the pool costs no decoding
+            s1 = group1.of(comp.cells1, decoded=group2.own_draws(comp) if codes1 == codes2 else None)
+            s2 = group2.of(comp)
             raw1, raw2 = stats.pair(comp)
             frames.append(
                 _compare(s1, s2, raw1, raw2, model.setup.genes, mode, delta, fdr_target, pseudocounts, comp, work)
@@ -489,10 +491,19 @@ class _Draws:
     def columns(self, i: int) -> slice:
         return slice(i * self.per_code, (i + 1) * self.per_code)
 
-    def of(self, cells: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+    def of(
+        self, cells: np.ndarray, out: torch.Tensor | None = None, decoded: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Draws of ``cells``; ``decoded``: per batch code, uniform draws of these cells decoded
+        before, used as the first columns (only the rest is decoded)."""
         out = self.buffer if out is None else out
         for i, code in enumerate(self.codes):
-            self.sampler.draw(self.rng.choice(cells, self.per_code), code, out[:, self.columns(i)])
+            target = out[:, self.columns(i)]
+            k = 0 if decoded is None else min(decoded[i].shape[1], self.per_code)
+            if k:
+                target[:, :k] = decoded[i][:, :k]
+            if k < self.per_code:
+                self.sampler.draw(self.rng.choice(cells, self.per_code - k), code, target[:, k:])
         return out
 
 
@@ -504,7 +515,9 @@ class _Group2Draws:
     draws outside g (multivariate hypergeometric counts per group block, the first draws of each
     block, which are in random order), so each comparison still sees ``n_samples`` independent
     uniform draws from its rest while the decoder runs about once per group instead of twice.
-    A second group repeated across comparisons (``group2='ctrl'``) is decoded once.
+    The pool's draws inside g are uniform draws of g too: they serve as the first draws of g's own
+    side (:meth:`own_draws`), so the pool itself costs no extra decoding. A second group repeated
+    across comparisons (``group2='ctrl'``) is decoded once.
     """
 
     POOL_MAX_FACTOR = 4  # pool size at most this many times one comparison's draws (memory bound)
@@ -538,6 +551,14 @@ class _Group2Draws:
         if self._last is None or not np.array_equal(self._last[0], comp.cells2):
             self._last = (comp.cells2, self.draws.of(comp.cells2, self.draws.empty()))  # kept: own buffer
         return self._last[1]
+
+    def own_draws(self, comp: _Comparison) -> list[torch.Tensor] | None:
+        """Per batch code, the pool's draws from the cells of ``comp``'s first group (uniform over
+        them, independent of the rest draws of ``comp``), or None."""
+        if self._pools is None or id(comp) not in self._block_of:
+            return None
+        g = self._block_of[id(comp)]
+        return [freq[:, sizes[:g].sum() : sizes[: g + 1].sum()] for freq, sizes in self._pools]
 
     def _from_pools(self, comp: _Comparison, g: int) -> torch.Tensor:
         d, out = self.draws, self.draws.buffer
