@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_scvi_tools import fmt, load_average, machine_info, read_with_hvgs  # noqa: E402  (same folder)
+from compare_scvi_tools import fmt, load_average, machine_info, read_with_hvgs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = REPO_ROOT.parent / "shared" / "data" / "kang2018_ifnb_pbmc_2k.h5ad"
@@ -359,7 +359,7 @@ def print_report(info, setup, train, de_time, per_type, summary, within, args) -
     for gname, row in within["isgs"].items():
         o, t = row.get("ours", {}), row.get("scvi_tools", {})
         print(
-            f"{gname:<8}{str(row['in_model_genes']):>8}{fmt(o.get('proba_de'), '{:.3f}'):>11}"
+            f"{gname:<8}{row['in_model_genes']!s:>8}{fmt(o.get('proba_de'), '{:.3f}'):>11}"
             f"{fmt(o.get('lfc_mean'), '{:+.2f}'):>10}{fmt(o.get('de_and_up'), '{}'):>7}"
             f"{fmt(t.get('proba_de'), '{:.3f}'):>11}{fmt(t.get('lfc_mean'), '{:+.2f}'):>10}"
             f"{fmt(t.get('de_and_up'), '{}'):>7}"

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_scvi_tools import load_average, machine_info  # noqa: E402  (same folder)
+from compare_scvi_tools import load_average, machine_info
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SCENARIOS = {
@@ -46,7 +46,13 @@ SCENARIOS = {
     "lupus": (DATA / "kang2018_lupus_pbmc_8k_2511genes.h5ad", None),  # None: the last donor
 }
 BATCH, LABEL, UNLABELED = "batch", "cell_type", "Unknown"
-RECIPE = {"encode_covariates": True, "use_layer_norm": "both", "use_batch_norm": "none", "dropout_rate": 0.2, "n_layers": 2}
+RECIPE = {
+    "encode_covariates": True,
+    "use_layer_norm": "both",
+    "use_batch_norm": "none",
+    "dropout_rate": 0.2,
+    "n_layers": 2,
+}
 
 
 def parse_args(argv=None):
@@ -56,10 +62,17 @@ def parse_args(argv=None):
     p.add_argument("--ref-epochs", type=int, default=100)
     p.add_argument("--scanvi-epochs", type=int, default=10)
     p.add_argument("--query-epochs", type=int, default=100, help="scvi-tools' query epochs (tutorial: 100)")
-    p.add_argument("--our-epochs", default="default,100",
-                   help="comma list of map_query max_epochs to run ('default' = its own default)")
-    p.add_argument("--query-seeds", type=int, default=3,
-                   help="map the query with this many seeds at our default epochs (seed-to-seed spread)")
+    p.add_argument(
+        "--our-epochs",
+        default="default,100",
+        help="comma list of map_query max_epochs to run ('default' = its own default)",
+    )
+    p.add_argument(
+        "--query-seeds",
+        type=int,
+        default=3,
+        help="map the query with this many seeds at our default epochs (seed-to-seed spread)",
+    )
     p.add_argument("--skip-scvi-tools", action="store_true", help="only run ours (epoch sweeps)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -206,10 +219,14 @@ def main(argv=None) -> int:
             seeds = range(args.seed, args.seed + args.query_seeds) if e == "default" else [args.seed]
             epochs += [(None if e == "default" else int(e), s) for s in seeds]
         ours_ref, ours = run_ours(ref, query, args, epochs)
-        rows = ([("scvi-tools 1.4.2", theirs)] if theirs else []) + [(f"scanpy-scvi ({r['query_epochs']} ep, seed {r['query_seed']})", r) for r in ours]
+        rows = ([("scvi-tools 1.4.2", theirs)] if theirs else []) + [
+            (f"scanpy-scvi ({r['query_epochs']} ep, seed {r['query_seed']})", r) for r in ours
+        ]
         their_ref = f"{theirs['reference_seconds']:.1f} s" if theirs else "(skipped)"
         print(f"reference training: scvi-tools {their_ref}, ours {ours_ref['reference_seconds']:.1f} s")
-        print(f"{'system':34s} {'epochs':>6s} {'query s':>8s} {'speedup':>8s} {'acc':>6s} {'macroF1':>7s} {'iLISI':>6s} {'entropy':>7s} {'ref moved':>9s}")
+        print(
+            f"{'system':34s} {'epochs':>6s} {'query s':>8s} {'speedup':>8s} {'acc':>6s} {'macroF1':>7s} {'iLISI':>6s} {'entropy':>7s} {'ref moved':>9s}"
+        )
         for label, r in rows:
             speed = theirs["query_seconds"] / r["query_seconds"] if theirs else float("nan")
             print(f"{label:34s} {r['query_epochs']:6d} {r['query_seconds']:8.2f} {speed:8.2f} {r['accuracy']:6.3f} "

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_scvi_tools import load_average, machine_info  # noqa: E402
-from scale import BATCH_KEY, DEFAULT_DATASET, read_source, resample_csr, select_genes  # noqa: E402
+from compare_scvi_tools import load_average, machine_info
+from scale import BATCH_KEY, DEFAULT_DATASET, read_source, resample_csr, select_genes
 
 CALLS = {
     "latent": lambda m: m.get_latent_representation(),

@@ -34,7 +34,9 @@ def matmul_gflops(m: int, k: int, n: int, seconds: float = 0.5) -> float:
 
 
 def linear_shapes(module: torch.nn.Module) -> list[tuple[str, int, int]]:
-    return [(name, m.in_features, m.out_features) for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    return [
+        (name, m.in_features, m.out_features) for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)
+    ]
 
 
 def flops_per_cell(shapes: list[tuple[str, int, int]], used: set[str]) -> float:
@@ -79,7 +81,8 @@ def main() -> None:
     ]
     rng = np.random.default_rng(0)
     batches = [
-        model._bound.source.get(rng.choice(adata.n_obs, args.batch_size, replace=False), nonzero=True) for _ in range(args.steps)
+        model._bound.source.get(rng.choice(adata.n_obs, args.batch_size, replace=False), nonzero=True)
+        for _ in range(args.steps)
     ]
     module.train()
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-3, eps=0.01, weight_decay=1e-6)

@@ -59,7 +59,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_scvi_tools import fmt, load_average, machine_info  # noqa: E402  (same folder)
+from compare_scvi_tools import fmt, load_average, machine_info
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = REPO_ROOT.parent / "shared" / "data" / "kang2018_lupus_pbmc_8k_2511genes.h5ad"
@@ -73,9 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="h5ad with raw counts (default: %(default)s)")
-    p.add_argument(
-        "--sizes", default="10000,100000,1000000", help="comma-separated cell counts (default: %(default)s)"
-    )
+    p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated cell counts (default: %(default)s)")
     p.add_argument("--n-top-genes", type=int, default=2000, help="HVGs (seurat_v3, per batch) (default: 2000)")
     p.add_argument("--batch-size", type=int, default=128, help="training minibatch size (default: 128)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_scvi_tools import ARCH, BATCH_KEY, DEFAULT_DATASET, load_average, machine_info, prepare_data  # noqa: E402
+from compare_scvi_tools import ARCH, BATCH_KEY, DEFAULT_DATASET, load_average, machine_info, prepare_data
 
 
 def parse_args(argv=None):
@@ -57,7 +57,11 @@ def scvi_tools_target(args, adata, genes, train_idx, held_idx) -> dict:
     model.train(max_epochs=args.epochs, train_size=1.0, batch_size=128, accelerator="cpu", enable_progress_bar=False)
     seconds = time.perf_counter() - t0
     torch.set_num_threads(args.threads)
-    return {"seconds": seconds, "epochs": args.epochs, "heldout_elbo": float(model.get_elbo(adata=full[held_idx].copy()))}
+    return {
+        "seconds": seconds,
+        "epochs": args.epochs,
+        "heldout_elbo": float(model.get_elbo(adata=full[held_idx].copy())),
+    }
 
 
 def ours(args, adata, genes, train_idx, held_idx, batch_size: int, lr: float, warmup: int | None) -> dict:
@@ -87,10 +91,14 @@ def main(argv=None) -> int:
     _, adata, genes, train_idx, held_idx = prepare_data(args)
     print(f"{len(train_idx)} training / {len(held_idx)} held-out cells, {len(genes)} genes, load {load_average()}")
     target = scvi_tools_target(args, adata, genes, train_idx, held_idx)
-    print(f"scvi-tools: {target['epochs']} epochs, {target['seconds']:.1f} s, held-out ELBO {target['heldout_elbo']:.2f}")
+    print(
+        f"scvi-tools: {target['epochs']} epochs, {target['seconds']:.1f} s, held-out ELBO {target['heldout_elbo']:.2f}"
+    )
     results = {"machine": machine_info(args.threads), "args": {k: str(v) for k, v in vars(args).items()},
                "scvi_tools": target, "ours": {}}  # fmt: skip
-    print(f"{'batch:lr:warm-up':22s} {'s/epoch':>8s} {'epochs to target':>16s} {'seconds':>8s} {'speed-up':>8s} {'final ELBO':>10s}")
+    print(
+        f"{'batch:lr:warm-up':22s} {'s/epoch':>8s} {'epochs to target':>16s} {'seconds':>8s} {'speed-up':>8s} {'final ELBO':>10s}"
+    )
     for spec in args.configs.split(","):
         bs, lr, warm = spec.split(":")
         res = ours(args, adata, genes, train_idx, held_idx, int(bs), float(lr), None if warm == "none" else int(warm))

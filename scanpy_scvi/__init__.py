@@ -12,4 +12,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["SCANVI", "SCVI", "datasets", "pl", "pp", "tl", "__version__"]
+__all__ = ["SCANVI", "SCVI", "__version__", "datasets", "pl", "pp", "tl"]

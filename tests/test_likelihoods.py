@@ -72,7 +72,7 @@ def test_log_zinb_equals_reference_piecewise_formula():
     """The reference (scvi-tools) piecewise softplus form, written out independently."""
     x, mu, theta, logits = _grid(X_VALUES, MU_VALUES, THETA_VALUES, LOGITS)
     eps = 1e-8
-    softplus = lambda v: np.logaddexp(0.0, v)  # noqa: E731
+    softplus = lambda v: np.logaddexp(0.0, v)
     log_theta_mu = np.log(theta + mu + eps)
     a = -logits + theta * (np.log(theta + eps) - log_theta_mu)
     case_zero = softplus(a) - softplus(-logits)

@@ -160,7 +160,11 @@ def test_predict_on_new_data_without_labels_column(scanvi_fit):
 
 @pytest.mark.parametrize(
     ("case", "error", "match"),
-    [("one known label", ValueError, "at least 2"), ("NaN label", ValueError, "missing values"), ("no column", KeyError, "not found")],
+    [
+        ("one known label", ValueError, "at least 2"),
+        ("NaN label", ValueError, "missing values"),
+        ("no column", KeyError, "not found"),
+    ],
 )
 def test_bad_labels_raise_and_leave_adata_unchanged(base_adata, case, error, match):
     adata = base_adata.copy()
@@ -194,7 +198,11 @@ def test_pp_scanvi_writes_outputs_and_survives_h5ad(base_adata, tmp_path):
     )  # fmt: skip
     assert adata.obsm["X_scanvi"].shape == (adata.n_obs, 5)
     pred = adata.obs["cell_type_scanvi_pred"]
-    assert isinstance(pred.dtype, pd.CategoricalDtype) and list(pred.cat.categories) == ["label_0", "label_1", "label_2"]
+    assert isinstance(pred.dtype, pd.CategoricalDtype) and list(pred.cat.categories) == [
+        "label_0",
+        "label_1",
+        "label_2",
+    ]
     assert (pred.astype(str).to_numpy()[hide] == adata.obs["truth"].to_numpy()[hide]).mean() > 0.9
     proba = adata.obs["cell_type_scanvi_proba"].to_numpy()
     np.testing.assert_allclose(proba, model.predict(soft=True).max(1).to_numpy(), rtol=1e-6)
@@ -210,9 +218,18 @@ def test_pp_scanvi_writes_outputs_and_survives_h5ad(base_adata, tmp_path):
 def test_pp_scanvi_from_stored_scvi_model(base_adata):
     adata = base_adata.copy()
     semi_labelled(adata)
-    ss.pp.scvi(adata, batch_key="batch", use_highly_variable_genes=False, n_epochs=5, n_hidden=32, n_latent=5, progress_bar=False)
-    out = ss.pp.scanvi(adata, labels_key="cell_type", unlabeled_category=UNL, scvi_model="scvi", copy=True, progress_bar=False)
+    ss.pp.scvi(
+        adata,
+        batch_key="batch",
+        use_highly_variable_genes=False,
+        n_epochs=5,
+        n_hidden=32,
+        n_latent=5,
+        progress_bar=False,
+    )
+    out = ss.pp.scanvi(
+        adata, labels_key="cell_type", unlabeled_category=UNL, scvi_model="scvi", copy=True, progress_bar=False
+    )
     assert out.uns["scanvi"]["params"]["from_scvi_model"] is True
     assert out.uns["scanvi"]["params"]["max_epochs"] == 10
     assert "X_scanvi" in out.obsm and "X_scanvi" not in adata.obsm
-

@@ -17,7 +17,9 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
 
-def write_model_dir(dir_path: str | os.PathLike, config: dict[str, Any], state: dict[str, torch.Tensor], *, overwrite: bool) -> None:
+def write_model_dir(
+    dir_path: str | os.PathLike, config: dict[str, Any], state: dict[str, torch.Tensor], *, overwrite: bool
+) -> None:
     """Write ``config`` and ``state`` to ``dir_path`` atomically.
 
     Files are written to a temporary sibling directory which then replaces ``dir_path`` by

@@ -153,7 +153,9 @@ class SCANVI(SCVI):
         setup = _with_labels(base, adata, labels_key, unlabeled_category)
         model = cls.__new__(cls)
         model._pretrained = True
-        model._init_on(adata, setup, {**kwargs, "linear_classifier": bool(linear_classifier)}, random_state=random_state)
+        model._init_on(
+            adata, setup, {**kwargs, "linear_classifier": bool(linear_classifier)}, random_state=random_state
+        )
         state = scvi_model.module.state_dict()
         missing, unexpected = model.module.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith(("classifier.", "u_encoder.", "z_decoder.")) for k in missing):

@@ -160,7 +160,9 @@ def _library_prior_for_new_batches(model: SCVI, bound, *, first_new: int) -> Non
             model.module.library_log_vars[0, b] = float(log_lib[sel].var())
 
 
-def _freeze(module: nn.Module, masks: dict[str, torch.Tensor], *, freeze_expression: bool, freeze_batchnorm_decoder: bool) -> None:
+def _freeze(
+    module: nn.Module, masks: dict[str, torch.Tensor], *, freeze_expression: bool, freeze_batchnorm_decoder: bool
+) -> None:
     """Set which parameters learn; batch-norm running statistics stop updating (momentum 0)."""
     trainable = set(masks)
     for name, p in module.named_parameters():

@@ -181,7 +181,7 @@ def scanvi(
     adata.obsm[key_added] = latent
     adata.obs[f"{labels_key}_scanvi_pred"] = calls
     adata.obs[f"{labels_key}_scanvi_proba"] = confidence.astype(np.float32)
-    uns_key = key_added[2:] if key_added.startswith("X_") else key_added
+    uns_key = key_added.removeprefix("X_")
     params = dict(
         labels_key=labels_key, unlabeled_category=str(unlabeled_category), batch_key=model.setup.batch_key,
         layer=model.setup.layer, from_scvi_model=scvi_model is not None, max_epochs=model.train_config["max_epochs"],

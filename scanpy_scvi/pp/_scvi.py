@@ -225,7 +225,9 @@ def scvi(
     if expression:
         _check_expression_fits(adata.n_obs, len(genes))
 
-    start = logg.info(f"computing scVI{' (LDVAE)' if linear_decoder else ''} on {adata.n_obs} cells x {len(genes)} genes")
+    start = logg.info(
+        f"computing scVI{' (LDVAE)' if linear_decoder else ''} on {adata.n_obs} cells x {len(genes)} genes"
+    )
     # Everything that can fail on the input fails here, before training and before any write.
     model = SCVI(
         adata,
@@ -271,7 +273,7 @@ def scvi(
     if expression:
         with _seeded(random_state, model.device):
             denoised, rate = model._denoised_and_rate()
-    uns_key = key_added[2:] if key_added.startswith("X_") else key_added
+    uns_key = key_added.removeprefix("X_")
     adata.obsm[key_added] = latent
     if expression:
         adata.obsm[f"{key_added}_denoised"] = denoised

@@ -113,9 +113,9 @@ def map_query(
     ``query.uns['scvi']`` (or ``'scanvi'``) : dict
         ``params``, the padded ``missing_genes``, ``new_categories``, ``history`` and the model.
     """
-    from ..model import SCANVI, SCVI
-    from ..model._surgery import query_model
+    from ..model import SCANVI
     from ..model._scvi import _seeded
+    from ..model._surgery import query_model
     from ..pp._scvi import _uns_record
 
     ref_model, ref_adata = _resolve_reference(reference, reference_key)
@@ -142,7 +142,7 @@ def map_query(
             )
             raise ValueError(msg)
     key_added = key_added or ("X_scanvi" if is_scanvi else "X_scvi")
-    uns_key = key_added[2:] if key_added.startswith("X_") else key_added
+    uns_key = key_added.removeprefix("X_")
 
     missing = ref_model.setup.missing_genes(query)
     model, added = query_model(

@@ -93,7 +93,11 @@ def train_vae(
     optimizer = _adam([g for g in groups if g["params"]], lr=config.lr, eps=config.eps)
     shuffle_rng = np.random.default_rng(seed)
     semi = getattr(module, "is_semisupervised", False)
-    labelled_stream = _cycle(labelled_idx, config.batch_size, shuffle_rng) if semi and labelled_idx is not None and len(labelled_idx) else None
+    labelled_stream = (
+        _cycle(labelled_idx, config.batch_size, shuffle_rng)
+        if semi and labelled_idx is not None and len(labelled_idx)
+        else None
+    )
     history: dict[str, list[float]] = {}
     monitor = "elbo_validation" if len(val_idx) else "elbo_train"
     best, best_state, best_epoch, since_best = math.inf, None, -1, 0
@@ -106,7 +110,10 @@ def train_vae(
         for idx in minibatches(shuffle_rng.permutation(train_idx), config.batch_size):
             extra = {}
             if labelled_stream is not None:
-                extra = {"labelled": source.get(next(labelled_stream), device), "classification_ratio": config.classification_ratio}
+                extra = {
+                    "labelled": source.get(next(labelled_stream), device),
+                    "classification_ratio": config.classification_ratio,
+                }
             out = module.loss(source.get(idx, device, nonzero=True), kl_weight=kl_weight, **extra)
             optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
@@ -117,7 +124,9 @@ def train_vae(
             sums.add(out)
         metrics = {**sums.metrics("train"), "kl_weight": kl_weight}
         if len(val_idx):
-            metrics.update(evaluate(module, source, val_idx, config.batch_size, device, kl_weight).metrics("validation"))
+            metrics.update(
+                evaluate(module, source, val_idx, config.batch_size, device, kl_weight).metrics("validation")
+            )
         for k, v in metrics.items():
             history.setdefault(k, []).append(v)
         bar.set_postfix(elbo=f"{metrics[monitor]:.1f}", refresh=False)
