@@ -25,6 +25,9 @@ One run, one process, each system's own model and its own DE, on identical input
    ``is_de_fdr_0.05`` by each (and by both);
 6. within ``--within-type`` (default CD14 Mono), STIM vs CTRL (``idx1`` / ``idx2``) in both
    systems: are the interferon-stimulated genes ``--isgs`` flagged DE with a positive LFC?
+7. with ``--baseline-seed S``: both systems trained again with seed S and their one-vs-rest
+   rerun, each compared with its own first run by the figures of step 5, so that the
+   cross-system agreement can be read against each system's seed-to-seed agreement.
 
 Needs scvi-tools (the ``bench`` extra); it is only imported here, never by the package::
 
@@ -78,6 +81,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--condition1", default="STIM", help="idx1 condition of the within-type check (default: STIM)")
     p.add_argument("--condition2", default="CTRL", help="idx2 condition of the within-type check (default: CTRL)")
     p.add_argument("--isgs", default=DEFAULT_ISGS, help="comma-separated genes expected up (default: %(default)s)")
+    p.add_argument(
+        "--baseline-seed",
+        type=int,
+        default=None,
+        help="also train both systems again with this seed and report each system against itself "
+        "(the seed-to-seed agreement that the cross-system figures should be read against)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
     if min(args.epochs, args.n_top_genes, args.batch_size, args.threads, args.de_repeats) < 1:
@@ -94,12 +104,12 @@ def prepare_data(args):
     return read_with_hvgs(args.dataset, (CONDITION_KEY, LABEL_KEY), args.n_top_genes, None)
 
 
-def train_scvi_tools(args, adata, genes):
+def train_scvi_tools(args, adata, genes, seed=None):
     import scvi
     import torch
 
     warnings.filterwarnings("ignore", module="lightning")
-    scvi.settings.seed = args.seed
+    scvi.settings.seed = args.seed if seed is None else seed
     scvi.settings.dl_num_workers = 0
     torch.set_num_threads(args.threads)
     hvg = adata[:, genes].copy()  # same genes, same order, same cells
@@ -126,20 +136,21 @@ def train_scvi_tools(args, adata, genes):
     return model, hvg, info
 
 
-def train_ours(args, adata, genes):
+def train_ours(args, adata, genes, seed=None):
     import torch
 
     import scanpy_scvi
 
+    seed = args.seed if seed is None else seed
     torch.set_num_threads(args.threads)
-    model = scanpy_scvi.SCVI(adata, genes=genes, random_state=args.seed, **ARCH)  # no batch key
+    model = scanpy_scvi.SCVI(adata, genes=genes, random_state=seed, **ARCH)  # no batch key
     t0 = time.perf_counter()
     model.train(
         max_epochs=args.epochs,
         train_size=1.0,
         batch_size=args.batch_size,
         device="cpu",
-        random_state=args.seed,
+        random_state=seed,
         progress_bar=False,
     )
     train_s = time.perf_counter() - t0
@@ -170,19 +181,19 @@ def timed(fn, repeats: int):
     }
 
 
-def de_scvi_tools(args, model, **kw):
+def de_scvi_tools(args, model, seed=None, **kw):
     import scvi
     import torch
 
     def call():
-        scvi.settings.seed = args.seed  # seeds torch, numpy and random: the cell draws and z samples
+        scvi.settings.seed = args.seed if seed is None else seed  # seeds torch, numpy, random
         torch.set_num_threads(args.threads)
         return model.differential_expression(mode="change", delta=args.delta, fdr_target=FDR, silent=True, **kw)
 
     return call
 
 
-def de_ours(args, model, adata, **kw):
+def de_ours(args, model, adata, seed=None, **kw):
     import scanpy_scvi
 
     def call():
@@ -194,7 +205,7 @@ def de_ours(args, model, adata, **kw):
             model=model,
             inplace=False,
             progress_bar=False,
-            random_state=args.seed,
+            random_state=args.seed if seed is None else seed,
             **kw,
         )
 
@@ -283,7 +294,43 @@ def source_state() -> dict:
     return out
 
 
+def seed_baseline(args, adata, genes, labels, our_df, st_df) -> dict:
+    """Each system retrained and its one-vs-rest DE rerun with ``--baseline-seed``, compared with
+    its own first run by :func:`agreement` ("ours" = first run, "scvi_tools" = second run)."""
+    seed = args.baseline_seed
+    print(f"seed baseline: training both systems again with seed {seed} ...", flush=True)
+    st_model, _, _ = train_scvi_tools(args, adata, genes, seed=seed)
+    st_df2, _ = timed(de_scvi_tools(args, st_model, seed=seed, groupby=LABEL_KEY), 1)
+    our_model, _ = train_ours(args, adata, genes, seed=seed)
+    our_df2, _ = timed(de_ours(args, our_model, adata, seed=seed, groupby=LABEL_KEY), 1)
+    out = {"seed": seed}
+    for system, first, second in (("scvi-tools", st_df, st_df2), ("ours", our_df, our_df2)):
+        a, b = per_group(first), per_group(second)
+        out[system] = {
+            name: {"n_cells": int((labels == name).sum())}
+            | agreement(a[name], b[name], args.top_overlap, args.top_spearman)
+            for name in adata.obs[LABEL_KEY].cat.categories
+            if name in a and name in b
+        }
+    return out
+
+
 # -- report ------------------------------------------------------------------------------------------------
+def print_baseline(baseline, per_type, args) -> None:
+    """Per cell type: Spearman of lfc_mean over all genes and top-k overlap, across systems and
+    within each system between the two seeds."""
+    ko = args.top_overlap
+    print(f"seed baseline (seed {args.seed} vs {baseline['seed']}): rho lfc all genes / top{ko} overlap")
+    print(f"{'cell type':<14}{'cells':>6}{'ours vs scvi':>16}{'scvi vs scvi':>16}{'ours vs ours':>16}")
+    cols = (per_type, baseline["scvi-tools"], baseline["ours"])
+    for name, r in per_type.items():
+        cells = [f"{c[name]['spearman_lfc_all']:.3f} / {c[name][f'top{ko}_overlap']:>2}" for c in cols]
+        print(f"{name:<14}{r['n_cells']:>6}" + "".join(f"{c:>16}" for c in cells))
+    means = [np.nanmean([c[n]["spearman_lfc_all"] for n in per_type]) for c in cols]
+    overlaps = [np.nanmean([c[n][f"top{ko}_overlap"] for n in per_type]) for c in cols]
+    print(f"{'mean':<14}{'':>6}" + "".join(f"{f'{m:.3f} / {o:.1f}':>16}" for m, o in zip(means, overlaps)))
+
+
 def print_report(info, setup, train, de_time, per_type, summary, within, args) -> None:
     ko, ks = args.top_overlap, args.top_spearman
     print()
@@ -471,6 +518,9 @@ def main(argv=None) -> int:
         de_time["scvi-tools"]["within"]["wall_seconds"] / de_time["ours"]["within"]["wall_seconds"]
     )
     summary["speedup_target_10x_met"] = bool(summary["speedup_one_vs_rest"] >= 10)
+    baseline = None
+    if args.baseline_seed is not None:
+        baseline = seed_baseline(args, adata, genes, labels, our_df, st_df)
 
     info = machine_info(args.threads)
     setup = {
@@ -494,6 +544,8 @@ def main(argv=None) -> int:
         "total_seconds": time.perf_counter() - t_all,
     }
     print_report(info, setup, train, de_time, per_type, summary, within, args)
+    if baseline is not None:
+        print_baseline(baseline, per_type, args)
     if args.json is not None:
         payload = {
             "machine": info,
@@ -503,6 +555,7 @@ def main(argv=None) -> int:
             "summary": summary,
             "per_cell_type": per_type,
             "within_cell_type": within,
+            "seed_baseline": baseline,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
