@@ -244,6 +244,25 @@ def test_statistics_equal_the_log_formula(n, mode):
     np.testing.assert_allclose(df["scale2"], s2.mean(1), rtol=1e-5)  # means over all draws, not only pairs
 
 
+def test_given_pseudocount_is_used_as_is():
+    """pseudocounts= skips the estimate: the column holds it and the LFC uses 1e-3 times it."""
+    from scanpy_scvi.tl._de import _compare, _Comparison, _WorkBuffers
+
+    rng = np.random.default_rng(2)
+    G, n, pc = 30, 300, 1e-4
+    s1, s2 = (rng.dirichlet(np.full(G, 0.3), size=n).T.astype(np.float32) for _ in range(2))
+    raw = {k: np.zeros(G) for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")}  # all silent
+    comp = _Comparison("a", "b", np.arange(2), np.arange(2, 4))
+    genes = [f"g{i}" for i in range(G)]
+    df = _compare(
+        torch.from_numpy(s1), torch.from_numpy(s2), raw, raw, genes, "change", 0.25, 0.05, pc, comp, _WorkBuffers()
+    ).loc[genes]
+    np.testing.assert_array_equal(df["pseudocounts"], pc)
+    lfc = np.log2(s1.astype(np.float64) + 1e-3 * pc) - np.log2(s2.astype(np.float64) + 1e-3 * pc)
+    np.testing.assert_allclose(df["lfc_mean"], lfc.mean(1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(df["scale1"], s1.mean(1), rtol=1e-5)
+
+
 class _CellIdSampler:
     """Stands in for the posterior sampler: a draw of cell c is a column filled with c."""
 

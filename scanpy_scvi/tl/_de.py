@@ -736,8 +736,10 @@ def _compare(s1, s2, raw1, raw2, genes, mode, delta, fdr_target, pseudocounts, c
 
     def summaries(rows: slice) -> dict[str, np.ndarray]:  # means over all draws, maxima over the pairs
         a, b = s1[rows], s2[rows]
-        return {"scale1": _np(a.sum(1) / a.shape[1]), "scale2": _np(b.sum(1) / b.shape[1]),
-                "max1": _np(a[:, :n].amax(1)), "max2": _np(b[:, :n].amax(1))}  # fmt: skip
+        out = {"scale1": _np(a.mean(1)), "scale2": _np(b.mean(1))}
+        if pseudocounts is None:  # only the estimated pseudocount needs the maxima
+            out |= {"max1": _np(a[:, :n].amax(1)), "max2": _np(b[:, :n].amax(1))}
+        return out
 
     summary = _by_gene_blocks(summaries, s1.shape[0], s1.device)
     scale1, scale2 = summary["scale1"], summary["scale2"]
