@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import FCLayers
+from ._layers import FCLayers, Linear
 from ._vae import VAE, GaussianEncoder, _kl_normal, _kl_normal_std, _log_normal, _rsample
 
 
@@ -25,7 +25,7 @@ class Classifier(nn.Module):
     def __init__(self, n_in: int, n_labels: int, *, n_hidden: int, n_layers: int, linear: bool, **trunk_kwargs):
         super().__init__()
         self.trunk = None if linear else FCLayers(n_in, n_hidden, n_layers=n_layers, n_hidden=n_hidden, **trunk_kwargs)
-        self.logits = nn.Linear(n_in if linear else n_hidden, n_labels)
+        self.logits = Linear(n_in if linear else n_hidden, n_labels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.logits(z if self.trunk is None else self.trunk(z))
@@ -37,8 +37,8 @@ class GaussianDecoder(nn.Module):
     def __init__(self, n_in: int, n_out: int, *, n_hidden: int, **trunk_kwargs):
         super().__init__()
         self.trunk = FCLayers(n_in, n_hidden, n_hidden=n_hidden, dropout_rate=0.0, **trunk_kwargs)
-        self.mean = nn.Linear(n_hidden, n_out)
-        self.log_var = nn.Linear(n_hidden, n_out)
+        self.mean = Linear(n_hidden, n_out)
+        self.log_var = Linear(n_hidden, n_out)
 
     def forward(self, u: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.trunk(u, y)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import FCLayers, _apply_2d, batch_norm
+from ._layers import FCLayers, Linear, _apply_2d, batch_norm
 from ._likelihoods import log_nb, log_poisson, log_zinb, summed_log_likelihood
 
 VAR_EPS = 1e-4  # added to the encoder variance, as in the reference
@@ -38,8 +38,8 @@ class GaussianEncoder(nn.Module):
     def __init__(self, n_in: int, n_out: int, *, n_hidden: int, **trunk_kwargs):
         super().__init__()
         self.trunk = FCLayers(n_in, n_hidden, n_hidden=n_hidden, **trunk_kwargs)
-        self.mean = nn.Linear(n_hidden, n_out)
-        self.log_var = nn.Linear(n_hidden, n_out)
+        self.mean = Linear(n_hidden, n_out)
+        self.log_var = Linear(n_hidden, n_out)
 
     def forward(self, x: torch.Tensor, cov: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.trunk(x, cov)
@@ -133,10 +133,10 @@ class VAE(nn.Module):
                 **self.decoder_norm,
                 inject_covariates=deeply_inject_covariates,
             )
-            self.scale_head = nn.Linear(n_hidden, n_input)
-            self.dropout_head = nn.Linear(n_hidden, n_input)
+            self.scale_head = Linear(n_hidden, n_input)
+            self.dropout_head = Linear(n_hidden, n_input)
             if dispersion == "gene-cell":
-                self.theta_head = nn.Linear(n_hidden, n_input)
+                self.theta_head = Linear(n_hidden, n_input)
         n_theta_cols = {"gene": 0, "gene-batch": n_batch, "gene-label": n_labels, "gene-cell": 0}[dispersion]
         if dispersion != "gene-cell":
             shape = (n_input, n_theta_cols) if n_theta_cols else (n_input,)
@@ -352,7 +352,7 @@ class VAE(nn.Module):
 
 
 def _linear_head(n_in: int, n_out: int, use_batch_norm: bool) -> nn.Sequential:
-    layers = [nn.Linear(n_in, n_out, bias=False)]
+    layers = [Linear(n_in, n_out, bias=False)]
     if use_batch_norm:
         layers.append(batch_norm(n_out))
     return nn.Sequential(*layers)
