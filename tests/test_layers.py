@@ -23,17 +23,27 @@ def test_inference_matches_float64_reference():
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
 
 
-def test_training_path_is_autograd_linear():
+def test_training_gradients_match_float64_autograd():
     layer = _layer(128, 2000)
     x = torch.randn(256, 128, requires_grad=True)
+    grad_out = torch.randn(256, 2000)
     out = layer(x)
     assert out.grad_fn is not None
-    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
-    out.square().sum().backward()
-    grad_w = layer.weight.grad.clone()
-    layer.weight.grad = None
-    F.linear(x, layer.weight, layer.bias).square().sum().backward()
-    torch.testing.assert_close(grad_w, layer.weight.grad, rtol=0, atol=0)
+    out.backward(grad_out)
+    ref = _layer(128, 2000).double()
+    x64 = x.detach().double().requires_grad_()
+    F.linear(x64, ref.weight, ref.bias).backward(grad_out.double())
+    for ours, exact in ((x.grad, x64.grad), (layer.weight.grad, ref.weight.grad), (layer.bias.grad, ref.bias.grad)):
+        torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-4)
+
+
+def test_frozen_weights_get_no_gradient():
+    layer = _layer(2000, 128)  # an encoder input layer, as in reference mapping with frozen weights
+    layer.requires_grad_(False)
+    x = torch.randn(256, 2000, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.weight.grad is None and layer.bias.grad is None
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(256, -1), rtol=1e-5, atol=1e-5)
 
 
 def test_small_products_use_torch_linear():
