@@ -212,7 +212,7 @@ def test_store_model_false_leaves_no_model(adata):
 @pytest.mark.parametrize("mode", ["change", "vanilla"])
 def test_statistics_equal_the_log_formula(n, mode):
     """The fused gene-major statistics equal the textbook formulas on the log2 fold changes."""
-    from scanpy_scvi.tl._de import _compare, _Comparison, _WorkBuffers
+    from scanpy_scvi.tl._de import _compare, _Comparison, _pseudocount, _WorkBuffers
 
     rng = np.random.default_rng(0)
     G = 50
@@ -222,10 +222,9 @@ def test_statistics_equal_the_log_formula(n, mode):
     raw["raw_mean"][:10] = 0  # silent genes: the pseudocount is estimated from them
     comp = _Comparison("a", "b", np.arange(2), np.arange(2, 4))
     genes = [f"g{i}" for i in range(G)]
-    df = _compare(
-        torch.from_numpy(s1), torch.from_numpy(s2), raw, raw, genes, mode, 0.25, 0.05, None, comp, _WorkBuffers()
-    )
-    df = df.loc[genes]
+    t1, t2 = torch.from_numpy(s1), torch.from_numpy(s2)
+    pc = _pseudocount(t1, t2, raw, raw, None)
+    df = _compare(t1, t2, raw, raw, pc, genes, mode, 0.25, 0.05, comp, _WorkBuffers()).loc[genes]
 
     a, b = s1.astype(np.float64), s2[:, :n].astype(np.float64)
     silent = raw["raw_mean"] < 0.01
@@ -246,7 +245,7 @@ def test_statistics_equal_the_log_formula(n, mode):
 
 def test_given_pseudocount_is_used_as_is():
     """pseudocounts= skips the estimate: the column holds it and the LFC uses 1e-3 times it."""
-    from scanpy_scvi.tl._de import _compare, _Comparison, _WorkBuffers
+    from scanpy_scvi.tl._de import _compare, _Comparison, _pseudocount, _WorkBuffers
 
     rng = np.random.default_rng(2)
     G, n, pc = 30, 300, 1e-4
@@ -254,9 +253,8 @@ def test_given_pseudocount_is_used_as_is():
     raw = {k: np.zeros(G) for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")}  # all silent
     comp = _Comparison("a", "b", np.arange(2), np.arange(2, 4))
     genes = [f"g{i}" for i in range(G)]
-    df = _compare(
-        torch.from_numpy(s1), torch.from_numpy(s2), raw, raw, genes, "change", 0.25, 0.05, pc, comp, _WorkBuffers()
-    ).loc[genes]
+    t1, t2 = torch.from_numpy(s1), torch.from_numpy(s2)
+    df = _compare(t1, t2, raw, raw, _pseudocount(t1, t2, raw, raw, pc), genes, "change", 0.25, 0.05, comp, _WorkBuffers()).loc[genes]
     np.testing.assert_array_equal(df["pseudocounts"], pc)
     lfc = np.log2(s1.astype(np.float64) + 1e-3 * pc) - np.log2(s2.astype(np.float64) + 1e-3 * pc)
     np.testing.assert_allclose(df["lfc_mean"], lfc.mean(1), rtol=1e-4, atol=1e-4)
@@ -297,7 +295,7 @@ def test_pooled_rest_draws_are_uniform_over_the_rest(sizes):
     group_of = np.empty(n_obs, dtype=int)
     group_of[cells] = groups
     for comp in comps:
-        drawn = draws.of(comp)[0].numpy().astype(int)
+        drawn = draws.of(comp, draws.draws.empty())[0].numpy().astype(int)
         assert drawn.shape == (n,)
         assert not np.isin(drawn, comp.cells1).any()
         counts = np.bincount(group_of[drawn], minlength=len(sizes)).astype(float)
@@ -322,13 +320,13 @@ def test_own_group_draws_from_the_pool_cost_no_decoding():
     for comp in comps:
         own = group2.own_draws(comp)
         assert 0 < own[0].shape[1] < n and np.isin(own[0].numpy(), comp.cells1).all()
-        drawn = group1.of(comp.cells1, decoded=own)[0].numpy().astype(int)
+        drawn = group1.of(comp.cells1, group1.empty(), decoded=own)[0].numpy().astype(int)
         np.testing.assert_array_equal(drawn[: own[0].shape[1]], own[0][0].numpy())
         assert np.isin(drawn, comp.cells1).all()
         k = len(comp.cells1)
         chi2 = (((np.bincount(drawn - comp.cells1[0], minlength=k) - n / k) ** 2) / (n / k)).sum()
         assert chi2 < (k - 1) + 5 * np.sqrt(2 * (k - 1))  # uniform over the group's cells
-        group2.of(comp)
+        group2.of(comp, group2.draws.empty())
     assert sampler.decoded == n * len(comps)
 
 
@@ -339,9 +337,9 @@ def test_repeated_reference_group_is_decoded_once():
     ref = np.arange(50, 100)
     comps = [_Comparison(str(g), "ref", np.arange(g * 10, g * 10 + 10), ref) for g in range(5)]
     draws = _Group2Draws(sampler, comps, [None], 300, np.random.default_rng(0))
-    first = draws.of(comps[0]).clone()
+    first = draws.of(comps[0], draws.draws.empty()).clone()
     for comp in comps[1:]:
-        assert torch.equal(draws.of(comp), first)
+        assert torch.equal(draws.of(comp, draws.draws.empty()), first)
     assert sampler.decoded == 300
 
 

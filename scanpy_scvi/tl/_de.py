@@ -11,6 +11,7 @@ cost is about ``n_samples`` decodes per group. Results are written in the layout
 from __future__ import annotations
 
 from collections.abc import Sequence
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -334,26 +335,52 @@ def _run(
     adata, model, comparisons, *, mode, delta, fdr_target, pseudocounts, codes1, codes2, n_samples, random_state,
     progress_bar, batch_size,
 ) -> pd.DataFrame:  # fmt: skip
-    """Sample both groups of every comparison and test; one DataFrame for all comparisons."""
+    """Sample both groups of every comparison and test; one DataFrame for all comparisons.
+
+    On a multi-core CPU the comparisons run as a two-stage pipeline: a worker thread draws
+    (decodes) comparison k + 1 while this thread tests comparison k, each stage with torch
+    single-threaded. Both stages take about as long, and neither waits on the other's
+    OpenMP threads, which otherwise keep spinning for milliseconds after every parallel op.
+    """
     bound = model._require_data(adata)  # checks genes and batches of adata against the model
     stats = _RawStats(bound)
     rng = np.random.default_rng(random_state)
-    frames = []
     with _seeded(random_state, model.device):
         cells = np.unique(np.concatenate([c for comp in comparisons for c in (comp.cells1, comp.cells2)]))
         sampler = _PosteriorSampler(model, bound, cells, batch_size)
         group1 = _Draws(sampler, codes1, n_samples, rng)
         group2 = _Group2Draws(sampler, comparisons, codes2, n_samples, rng)
         work = _WorkBuffers()
-        for comp in tqdm(comparisons, desc="DE", unit="comparison", disable=not progress_bar):
+
+        def draw(k: int) -> tuple:
+            comp, slot = comparisons[k], k % 2
             # one-vs-rest: group 1's draws in the rest pool are reused, so the pool costs no decoding
-            s1 = group1.of(comp.cells1, decoded=group2.own_draws(comp) if codes1 == codes2 else None)
-            s2 = group2.of(comp)
-            raw1, raw2 = stats.pair(comp)
-            frames.append(
-                _compare(s1, s2, raw1, raw2, model.setup.genes, mode, delta, fdr_target, pseudocounts, comp, work)
-            )
-    return pd.concat(frames)
+            decoded = group2.own_draws(comp) if codes1 == codes2 else None
+            s1 = group1.of(comp.cells1, out=work.slot("s1", slot, group1), decoded=decoded)
+            s2 = group2.of(comp, out=work.slot("s2", slot, group2.draws))
+            return comp, s1, s2, *stats.pair(comp)
+
+        def test(comp, s1, s2, raw1, raw2) -> pd.DataFrame:
+            pc = _pseudocount(s1, s2, raw1, raw2, pseudocounts)
+            return _compare(s1, s2, raw1, raw2, pc, model.setup.genes, mode, delta, fdr_target, comp, work)
+
+        n_threads = torch.get_num_threads()
+        steps = tqdm(range(len(comparisons)), desc="DE", unit="comparison", disable=not progress_bar)
+        if model.device.type != "cpu" or n_threads < 2 or len(comparisons) < 2:
+            return pd.concat([test(*draw(k)) for k in steps])
+        frames = []
+        try:
+            torch.set_num_threads(1)
+            with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as drawer:
+                pending = drawer.submit(draw, 0)
+                for k in steps:
+                    inputs = pending.result()
+                    if k + 1 < len(comparisons):
+                        pending = drawer.submit(draw, k + 1)  # slot (k + 1) % 2: not the one tested now
+                    frames.append(test(*inputs))
+        finally:
+            torch.set_num_threads(n_threads)
+        return pd.concat(frames)
 
 
 # -- groups ---------------------------------------------------------------------------------------
@@ -483,7 +510,6 @@ class _Draws:
     def __init__(self, sampler: _PosteriorSampler, codes: list[int | None], n_samples: int, rng):
         self.sampler, self.codes, self.rng = sampler, codes, rng
         self.per_code = max(n_samples // len(codes), 2)
-        self.buffer = self.empty()  # reused by every call of ``of`` without ``out``
 
     def empty(self) -> torch.Tensor:
         return self.sampler.empty(self.per_code * len(self.codes))
@@ -491,12 +517,9 @@ class _Draws:
     def columns(self, i: int) -> slice:
         return slice(i * self.per_code, (i + 1) * self.per_code)
 
-    def of(
-        self, cells: np.ndarray, out: torch.Tensor | None = None, decoded: list[torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """Draws of ``cells``; ``decoded``: per batch code, uniform draws of these cells decoded
-        before, used as the first columns (only the rest is decoded)."""
-        out = self.buffer if out is None else out
+    def of(self, cells: np.ndarray, out: torch.Tensor, decoded: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Draws of ``cells`` written into ``out``; ``decoded``: per batch code, uniform draws of
+        these cells decoded before, used as the first columns (only the rest is decoded)."""
         for i, code in enumerate(self.codes):
             target = out[:, self.columns(i)]
             k = 0 if decoded is None else min(decoded[i].shape[1], self.per_code)
@@ -545,9 +568,11 @@ class _Group2Draws:
             pools.append((freq, np.bincount(block[cells], minlength=len(rest) + 1)))
         return pools
 
-    def of(self, comp: _Comparison) -> torch.Tensor:
+    def of(self, comp: _Comparison, out: torch.Tensor) -> torch.Tensor:
+        """The second group's draws: gathered from the pool into ``out``, or decoded (or kept
+        from the previous comparison, in their own buffer)."""
         if self._pools is not None and id(comp) in self._block_of:
-            return self._from_pools(comp, self._block_of[id(comp)])
+            return self._from_pools(comp, self._block_of[id(comp)], out)
         if self._last is None or not np.array_equal(self._last[0], comp.cells2):
             self._last = (comp.cells2, self.draws.of(comp.cells2, self.draws.empty()))  # kept: own buffer
         return self._last[1]
@@ -560,8 +585,8 @@ class _Group2Draws:
         g = self._block_of[id(comp)]
         return [freq[:, sizes[:g].sum() : sizes[: g + 1].sum()] for freq, sizes in self._pools]
 
-    def _from_pools(self, comp: _Comparison, g: int) -> torch.Tensor:
-        d, out = self.draws, self.draws.buffer
+    def _from_pools(self, comp: _Comparison, g: int, out: torch.Tensor) -> torch.Tensor:
+        d = self.draws
         for i, (code, (freq, sizes)) in enumerate(zip(d.codes, self._pools)):
             available = sizes.copy()
             available[g] = 0
@@ -626,7 +651,7 @@ def _means(sums: np.ndarray, n: int) -> dict[str, np.ndarray]:
 # -- tests --------------------------------------------------------------------------------------------------
 
 
-def _pseudocount(max1: np.ndarray, max2: np.ndarray, raw1, raw2, threshold: float = 0.01) -> float:
+def _offset_from_maxima(max1: np.ndarray, max2: np.ndarray, raw1, raw2, threshold: float = 0.01) -> float:
     """scvi-tools' offset: 0.9 quantile of the per-gene maximum sampled frequency over the genes
     not expressed in a group (mean raw count < ``threshold``), divided by the number of genes."""
     offsets = [
@@ -710,16 +735,28 @@ def _order_statistics(x: torch.Tensor, by_sort: bool) -> tuple[np.ndarray, np.nd
 
 
 class _WorkBuffers:
-    """Two (genes, pairs) scratch arrays kept across comparisons: touching freshly allocated
-    memory costs more than the arithmetic done in it."""
+    """Buffers kept across comparisons (touching freshly allocated memory costs more than the
+    arithmetic done in it): two alternating (genes, draws) buffers per group, for the
+    comparison being drawn and the one being tested, and per thread two (gene block, pairs)
+    scratch arrays, small enough to stay in that core's cache between the steps of a block."""
 
     def __init__(self):
-        self._pair: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._slots: dict[tuple[str, int], torch.Tensor] = {}
+        self._local = threading.local()
 
-    def get(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._pair is None or self._pair[0].shape != like.shape or self._pair[0].device != like.device:
-            self._pair = (_empty(like.shape, like.device), _empty(like.shape, like.device))
-        return self._pair
+    def slot(self, group: str, slot: int, draws: _Draws) -> torch.Tensor:
+        if (group, slot) not in self._slots:
+            self._slots[group, slot] = draws.empty()
+        return self._slots[group, slot]
+
+    def scratch(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two arrays shaped like ``like``, a (genes <= GENE_BLOCK, pairs) block."""
+        rows, cols = like.shape
+        pair = getattr(self._local, "pair", None)
+        if pair is None or pair[0].shape[1] != cols or pair[0].device != like.device:
+            shape = (max(rows, GENE_BLOCK), cols)
+            pair = self._local.pair = (_empty(shape, like.device), _empty(shape, like.device))
+        return pair[0][:rows], pair[1][:rows]
 
 
 def _empty(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -731,25 +768,27 @@ def _empty(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.empty(shape, device=device)
 
 
-def _compare(s1, s2, raw1, raw2, genes, mode, delta, fdr_target, pseudocounts, comp, work) -> pd.DataFrame:
+def _pseudocount(s1, s2, raw1, raw2, given: float | None) -> float:
+    """``given``, or scvi-tools' estimate from the per-gene maxima over the row-aligned pairs."""
+    if given is not None:
+        return float(given)
+    n = min(s1.shape[1], s2.shape[1])
+    maxima = _by_gene_blocks(
+        lambda rows: {"max1": _np(s1[rows, :n].amax(1)), "max2": _np(s2[rows, :n].amax(1))}, s1.shape[0], s1.device
+    )
+    return _offset_from_maxima(maxima["max1"], maxima["max2"], raw1, raw2)
+
+
+def _compare(s1, s2, raw1, raw2, pc, genes, mode, delta, fdr_target, comp, work) -> pd.DataFrame:
     n = min(s1.shape[1], s2.shape[1])  # row-aligned pairs; within a batch when both used the same batches
 
-    def summaries(rows: slice) -> dict[str, np.ndarray]:  # means over all draws, maxima over the pairs
-        a, b = s1[rows], s2[rows]
-        out = {"scale1": _np(a.mean(1)), "scale2": _np(b.mean(1))}
-        if pseudocounts is None:  # only the estimated pseudocount needs the maxima
-            out |= {"max1": _np(a[:, :n].amax(1)), "max2": _np(b[:, :n].amax(1))}
-        return out
+    def block(rows: slice) -> dict[str, np.ndarray]:
+        # the means take all draws; a block's rows are then in cache for the paired statistics
+        means = {"scale1": _np(s1[rows].mean(1)), "scale2": _np(s2[rows].mean(1))}
+        a, b = s1[rows, :n], s2[rows, :n]
+        return means | _block_statistics(a, b, pc, mode, delta, *work.scratch(a))
 
-    summary = _by_gene_blocks(summaries, s1.shape[0], s1.device)
-    scale1, scale2 = summary["scale1"], summary["scale2"]
-    pc = _pseudocount(summary["max1"], summary["max2"], raw1, raw2) if pseudocounts is None else float(pseudocounts)
-    buf, tmp = work.get(s1[:, :n])
-    stats = _by_gene_blocks(
-        lambda rows: _block_statistics(s1[rows, :n], s2[rows, :n], pc, mode, delta, buf[rows], tmp[rows]),
-        s1.shape[0],
-        s1.device,
-    )
+    stats = _by_gene_blocks(block, s1.shape[0], s1.device)
     cols: dict[str, np.ndarray | float] = {}
     if mode == "change":
         proba = np.maximum(stats.pop("up"), stats.pop("down"))
@@ -758,7 +797,7 @@ def _compare(s1, s2, raw1, raw2, genes, mode, delta, fdr_target, pseudocounts, c
         proba = stats.pop("greater")
         cols.update(proba_m1=proba, proba_m2=1 - proba)
     cols["bayes_factor"] = np.log(proba + EPS) - np.log(1 - proba + EPS)
-    cols.update(scale1=scale1, scale2=scale2, pseudocounts=pc, delta=float(delta))
+    cols.update(scale1=stats.pop("scale1"), scale2=stats.pop("scale2"), pseudocounts=pc, delta=float(delta))
     cols.update(stats)
     for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean"):
         cols[f"{k}1"], cols[f"{k}2"] = raw1[k], raw2[k]
