@@ -295,7 +295,7 @@ def test_pooled_rest_draws_are_uniform_over_the_rest(sizes):
     group_of = np.empty(n_obs, dtype=int)
     group_of[cells] = groups
     for comp in comps:
-        drawn = draws.of(comp, draws.draws.empty())[0].numpy().astype(int)
+        drawn = torch.cat(draws.of(comp, draws.draws.empty()).parts, dim=1)[0].numpy().astype(int)
         assert drawn.shape == (n,)
         assert not np.isin(drawn, comp.cells1).any()
         counts = np.bincount(group_of[drawn], minlength=len(sizes)).astype(float)
@@ -328,6 +328,32 @@ def test_own_group_draws_from_the_pool_cost_no_decoding():
         assert chi2 < (k - 1) + 5 * np.sqrt(2 * (k - 1))  # uniform over the group's cells
         group2.of(comp, group2.draws.empty())
     assert sampler.decoded == n * len(comps)
+
+
+def test_pool_columns_read_in_place_give_the_statistics_of_the_copy():
+    """The rest's draws are read from the pool's column ranges a gene block at a time; the table
+    equals the one computed on the same draws copied into one array, across block boundaries."""
+    from scanpy_scvi.tl._de import GENE_BLOCK, _Columns, _compare, _Comparison, _pseudocount, _WorkBuffers
+
+    rng = np.random.default_rng(3)
+    G, n = GENE_BLOCK + 20, 300  # two gene blocks, the second one short
+    s1 = torch.from_numpy(rng.dirichlet(np.full(G, 0.3), size=n).T.astype(np.float32))
+    pool = torch.from_numpy(rng.dirichlet(np.full(G, 0.3), size=700).T.astype(np.float32))
+    parts = [pool[:, 10:110], pool[:, 200:200], pool[:, 300:420], pool[:, 600:690]]  # 310 draws, one empty range
+    columns = _Columns(parts)
+    dense = torch.cat(parts, dim=1)
+    assert columns.shape == (G, 310)
+    torch.testing.assert_close(columns.amax(150), dense[:, :150].amax(1), rtol=0, atol=0)
+    raw = {k: rng.random(G) for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")}
+    raw["raw_mean"][:40] = 0
+    comp = _Comparison("a", "b", np.arange(2), np.arange(2, 4))
+    genes = [f"g{i}" for i in range(G)]
+    pc = _pseudocount(s1, columns, raw, raw, None)
+    assert pc == _pseudocount(s1, dense, raw, raw, None)
+    in_place = _compare(s1, columns, raw, raw, pc, genes, "change", 0.25, 0.05, comp, _WorkBuffers())
+    copied = _compare(s1, dense.clone(), raw, raw, pc, genes, "change", 0.25, 0.05, comp, _WorkBuffers())
+    pd.testing.assert_frame_equal(in_place, copied)
+    np.testing.assert_allclose(in_place.loc[genes, "scale2"], dense.numpy().mean(1), rtol=1e-5)  # all 310 draws
 
 
 def test_repeated_reference_group_is_decoded_once():

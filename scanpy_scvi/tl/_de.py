@@ -368,16 +368,17 @@ def _run(
         steps = tqdm(range(len(comparisons)), desc="DE", unit="comparison", disable=not progress_bar)
         if model.device.type != "cpu" or n_threads < 2 or len(comparisons) < 2:
             return pd.concat([test(*draw(k)) for k in steps])
-        frames = []
+        frames, inputs = [], draw(0)  # nothing to overlap with yet: all threads
         try:
-            torch.set_num_threads(1)
             with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as drawer:
-                pending = drawer.submit(draw, 0)
                 for k in steps:
-                    inputs = pending.result()
-                    if k + 1 < len(comparisons):
+                    last = k + 1 == len(comparisons)
+                    if not last:
                         pending = drawer.submit(draw, k + 1)  # slot (k + 1) % 2: not the one tested now
+                    torch.set_num_threads(n_threads if last else 1)  # the last test runs alone
                     frames.append(test(*inputs))
+                    if not last:
+                        inputs = pending.result()
         finally:
             torch.set_num_threads(n_threads)
         return pd.concat(frames)
@@ -568,9 +569,9 @@ class _Group2Draws:
             pools.append((freq, np.bincount(block[cells], minlength=len(rest) + 1)))
         return pools
 
-    def of(self, comp: _Comparison, out: torch.Tensor) -> torch.Tensor:
-        """The second group's draws: gathered from the pool into ``out``, or decoded (or kept
-        from the previous comparison, in their own buffer)."""
+    def of(self, comp: _Comparison, out: torch.Tensor) -> torch.Tensor | _Columns:
+        """The second group's draws: columns of the pool (``out`` holds any topping-up draws),
+        or decoded (or kept from the previous comparison) in their own buffer."""
         if self._pools is not None and id(comp) in self._block_of:
             return self._from_pools(comp, self._block_of[id(comp)], out)
         if self._last is None or not np.array_equal(self._last[0], comp.cells2):
@@ -585,20 +586,46 @@ class _Group2Draws:
         g = self._block_of[id(comp)]
         return [freq[:, sizes[:g].sum() : sizes[: g + 1].sum()] for freq, sizes in self._pools]
 
-    def _from_pools(self, comp: _Comparison, g: int, out: torch.Tensor) -> torch.Tensor:
-        d = self.draws
+    def _from_pools(self, comp: _Comparison, g: int, out: torch.Tensor) -> _Columns:
+        d, parts = self.draws, []
         for i, (code, (freq, sizes)) in enumerate(zip(d.codes, self._pools)):
             available = sizes.copy()
             available[g] = 0
             take = d.rng.multivariate_hypergeometric(available, min(d.per_code, int(available.sum())))
-            target = out[:, d.columns(i)]
-            col = 0
-            for start, n in zip(np.cumsum(sizes) - sizes, take):
-                target[:, col : col + n] = freq[:, start : start + n]
-                col += n
-            if col < d.per_code:  # too few pool draws outside a very large group: decode the rest
-                d.sampler.draw(d.rng.choice(comp.cells2, d.per_code - col), code, target[:, col:])
-        return out
+            parts += [freq[:, start : start + n] for start, n in zip(np.cumsum(sizes) - sizes, take)]
+            if take.sum() < d.per_code:  # too few pool draws outside a very large group: decode the rest
+                rest = out[:, d.columns(i)][:, : d.per_code - take.sum()]
+                parts.append(d.sampler.draw(d.rng.choice(comp.cells2, rest.shape[1]), code, rest))
+        return _Columns(parts)
+
+
+class _Columns:
+    """(genes, draws) draws held as an ordered list of column ranges of other arrays.
+
+    The rest of a one-vs-rest comparison is a random subset of the pool's draws: it is read in
+    place, a gene block at a time, instead of being copied out of the pool.
+    """
+
+    def __init__(self, parts: list[torch.Tensor]):
+        self.parts = [p for p in parts if p.shape[1]] or parts[:1]
+        self.shape = (parts[0].shape[0], sum(p.shape[1] for p in self.parts))
+        self.device = parts[0].device
+
+    def rows(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
+        """All draws of the genes ``rows``: a view when one array holds them, else gathered into
+        ``out`` (shaped (rows, draws))."""
+        if len(self.parts) == 1:
+            return self.parts[0][rows]
+        return torch.cat([p[rows] for p in self.parts], dim=1, out=out)
+
+    def amax(self, n: int) -> torch.Tensor:
+        """Per-gene maximum over the first ``n`` draws."""
+        maxima, start = [], 0
+        for p in self.parts:
+            if start < n:
+                maxima.append(p[:, : n - start].amax(1))
+            start += p.shape[1]
+        return torch.stack(maxima).amax(0)
 
 
 # -- raw statistics -------------------------------------------------------------------------------------------
@@ -737,7 +764,7 @@ def _order_statistics(x: torch.Tensor, by_sort: bool) -> tuple[np.ndarray, np.nd
 class _WorkBuffers:
     """Buffers kept across comparisons (touching freshly allocated memory costs more than the
     arithmetic done in it): two alternating (genes, draws) buffers per group, for the
-    comparison being drawn and the one being tested, and per thread two (gene block, pairs)
+    comparison being drawn and the one being tested, and per thread (gene block, draws)
     scratch arrays, small enough to stay in that core's cache between the steps of a block."""
 
     def __init__(self):
@@ -749,14 +776,13 @@ class _WorkBuffers:
             self._slots[group, slot] = draws.empty()
         return self._slots[group, slot]
 
-    def scratch(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two arrays shaped like ``like``, a (genes <= GENE_BLOCK, pairs) block."""
-        rows, cols = like.shape
-        pair = getattr(self._local, "pair", None)
-        if pair is None or pair[0].shape[1] != cols or pair[0].device != like.device:
-            shape = (max(rows, GENE_BLOCK), cols)
-            pair = self._local.pair = (_empty(shape, like.device), _empty(shape, like.device))
-        return pair[0][:rows], pair[1][:rows]
+    def scratch(self, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """This thread's array ``name`` of ``shape`` (at most GENE_BLOCK rows)."""
+        rows, cols = shape
+        buffers = self._local.__dict__
+        if name not in buffers or buffers[name].shape[1] != cols or buffers[name].device != device:
+            buffers[name] = _empty((max(rows, GENE_BLOCK), cols), device)
+        return buffers[name][:rows]
 
 
 def _empty(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -772,21 +798,25 @@ def _pseudocount(s1, s2, raw1, raw2, given: float | None) -> float:
     """``given``, or scvi-tools' estimate from the per-gene maxima over the row-aligned pairs."""
     if given is not None:
         return float(given)
+    s2 = s2 if isinstance(s2, _Columns) else _Columns([s2])
     n = min(s1.shape[1], s2.shape[1])
-    maxima = _by_gene_blocks(
-        lambda rows: {"max1": _np(s1[rows, :n].amax(1)), "max2": _np(s2[rows, :n].amax(1))}, s1.shape[0], s1.device
-    )
-    return _offset_from_maxima(maxima["max1"], maxima["max2"], raw1, raw2)
+    return _offset_from_maxima(_np(s1[:, :n].amax(1)), _np(s2.amax(n)), raw1, raw2)
 
 
 def _compare(s1, s2, raw1, raw2, pc, genes, mode, delta, fdr_target, comp, work) -> pd.DataFrame:
+    """The result table of one comparison: ``s1`` a (genes, draws) tensor, ``s2`` one or
+    :class:`_Columns`; draw i of each group forms pair i."""
+    s2 = s2 if isinstance(s2, _Columns) else _Columns([s2])
     n = min(s1.shape[1], s2.shape[1])  # row-aligned pairs; within a batch when both used the same batches
 
     def block(rows: slice) -> dict[str, np.ndarray]:
-        # the means take all draws; a block's rows are then in cache for the paired statistics
-        means = {"scale1": _np(s1[rows].mean(1)), "scale2": _np(s2[rows].mean(1))}
-        a, b = s1[rows, :n], s2[rows, :n]
-        return means | _block_statistics(a, b, pc, mode, delta, *work.scratch(a))
+        a = s1[rows]
+        b = s2.rows(rows, work.scratch("gather", (a.shape[0], s2.shape[1]), a.device))
+        # the means take all draws; the block's rows are then in cache for the paired statistics
+        means = {"scale1": _np(a.mean(1)), "scale2": _np(b.mean(1))}
+        a, b = a[:, :n], b[:, :n]
+        buf, tmp = (work.scratch(name, a.shape, a.device) for name in ("buf", "tmp"))
+        return means | _block_statistics(a, b, pc, mode, delta, buf, tmp)
 
     stats = _by_gene_blocks(block, s1.shape[0], s1.device)
     cols: dict[str, np.ndarray | float] = {}
