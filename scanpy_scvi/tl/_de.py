@@ -358,10 +358,10 @@ def _run(
             decoded = group2.own_draws(comp) if codes1 == codes2 else None
             s1 = group1.of(comp.cells1, out=work.slot("s1", slot, group1), decoded=decoded)
             s2 = group2.of(comp, out=work.slot("s2", slot, group2.draws))
-            return comp, s1, s2, *stats.pair(comp)
+            raw1, raw2 = stats.pair(comp)
+            return comp, s1, s2, raw1, raw2, _pseudocount(s1, s2, raw1, raw2, pseudocounts)
 
-        def test(comp, s1, s2, raw1, raw2) -> pd.DataFrame:
-            pc = _pseudocount(s1, s2, raw1, raw2, pseudocounts)
+        def test(comp, s1, s2, raw1, raw2, pc) -> pd.DataFrame:
             return _compare(s1, s2, raw1, raw2, pc, model.setup.genes, mode, delta, fdr_target, comp, work)
 
         n_threads = torch.get_num_threads()
