@@ -271,9 +271,11 @@ class _CellIdSampler:
     def empty(self, n):
         return torch.empty((1, n))
 
-    def draw(self, cells, code, out):
+    def draw(self, cells, code, out, maxima=None):
         self.decoded += len(cells)
         out[:] = torch.as_tensor(cells, dtype=torch.float32)[None]
+        if maxima is not None:
+            torch.maximum(maxima, out.amax(1), out=maxima)
         return out
 
 
@@ -295,7 +297,7 @@ def test_pooled_rest_draws_are_uniform_over_the_rest(sizes):
     group_of = np.empty(n_obs, dtype=int)
     group_of[cells] = groups
     for comp in comps:
-        drawn = torch.cat(draws.of(comp, draws.draws.empty()).parts, dim=1)[0].numpy().astype(int)
+        drawn = torch.cat(draws.of(comp, draws.draws.empty()).views(), dim=1)[0].numpy().astype(int)
         assert drawn.shape == (n,)
         assert not np.isin(drawn, comp.cells1).any()
         counts = np.bincount(group_of[drawn], minlength=len(sizes)).astype(float)
@@ -319,9 +321,12 @@ def test_own_group_draws_from_the_pool_cost_no_decoding():
     group1, group2 = _Draws(sampler, [None], n, rng), _Group2Draws(sampler, comps, [None], n, rng)
     for comp in comps:
         own = group2.own_draws(comp)
-        assert 0 < own[0].shape[1] < n and np.isin(own[0].numpy(), comp.cells1).all()
-        drawn = group1.of(comp.cells1, group1.empty(), decoded=own)[0].numpy().astype(int)
-        np.testing.assert_array_equal(drawn[: own[0].shape[1]], own[0][0].numpy())
+        pooled = own[0].views()[0]
+        assert 0 < pooled.shape[1] < n and np.isin(pooled.numpy(), comp.cells1).all()
+        maxima = torch.full((1,), -torch.inf)
+        drawn = group1.of(comp.cells1, group1.empty(), decoded=own, maxima=maxima)[0].numpy().astype(int)
+        np.testing.assert_array_equal(drawn[: pooled.shape[1]], pooled[0].numpy())
+        assert maxima.item() == drawn.max()  # pooled and decoded draws both counted
         assert np.isin(drawn, comp.cells1).all()
         k = len(comp.cells1)
         chi2 = (((np.bincount(drawn - comp.cells1[0], minlength=k) - n / k) ** 2) / (n / k)).sum()
@@ -333,17 +338,30 @@ def test_own_group_draws_from_the_pool_cost_no_decoding():
 def test_pool_columns_read_in_place_give_the_statistics_of_the_copy():
     """The rest's draws are read from the pool's column ranges a gene block at a time; the table
     equals the one computed on the same draws copied into one array, across block boundaries."""
-    from scanpy_scvi.tl._de import GENE_BLOCK, _Columns, _compare, _Comparison, _pseudocount, _WorkBuffers
+    from scanpy_scvi.tl._de import (
+        GENE_BLOCK,
+        MAX_CHUNK,
+        _Columns,
+        _compare,
+        _Comparison,
+        _Pool,
+        _pseudocount,
+        _WorkBuffers,
+    )
 
     rng = np.random.default_rng(3)
     G, n = GENE_BLOCK + 20, 300  # two gene blocks, the second one short
     s1 = torch.from_numpy(rng.dirichlet(np.full(G, 0.3), size=n).T.astype(np.float32))
-    pool = torch.from_numpy(rng.dirichlet(np.full(G, 0.3), size=700).T.astype(np.float32))
-    parts = [pool[:, 10:110], pool[:, 200:200], pool[:, 300:420], pool[:, 600:690]]  # 310 draws, one empty range
+    freq = torch.from_numpy(rng.dirichlet(np.full(G, 0.3), size=700).T.astype(np.float32))
+    pool = _Pool(freq)
+    for a, b in [(0, 700), (5, 6), (3, 2 * MAX_CHUNK + 1), (MAX_CHUNK, 3 * MAX_CHUNK), (33, 40), (650, 700)]:
+        torch.testing.assert_close(pool.range_max(a, b), freq[:, a:b].amax(1), rtol=0, atol=0)
+    parts = [(pool, 10, 110), (pool, 200, 200), (pool, 300, 420), (pool, 600, 690)]  # 310 draws, one empty
     columns = _Columns(parts)
-    dense = torch.cat(parts, dim=1)
-    assert columns.shape == (G, 310)
-    torch.testing.assert_close(columns.amax(150), dense[:, :150].amax(1), rtol=0, atol=0)
+    dense = torch.cat(columns.views(), dim=1)
+    assert columns.shape == (G, 310) and dense.shape == (G, 310)
+    for k in (1, 100, 150, 310):
+        torch.testing.assert_close(columns.amax(k), dense[:, :k].amax(1), rtol=0, atol=0)
     raw = {k: rng.random(G) for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")}
     raw["raw_mean"][:40] = 0
     comp = _Comparison("a", "b", np.arange(2), np.arange(2, 4))
@@ -363,9 +381,9 @@ def test_repeated_reference_group_is_decoded_once():
     ref = np.arange(50, 100)
     comps = [_Comparison(str(g), "ref", np.arange(g * 10, g * 10 + 10), ref) for g in range(5)]
     draws = _Group2Draws(sampler, comps, [None], 300, np.random.default_rng(0))
-    first = draws.of(comps[0], draws.draws.empty()).clone()
+    first = draws.of(comps[0], draws.draws.empty())
     for comp in comps[1:]:
-        assert torch.equal(draws.of(comp, draws.draws.empty()), first)
+        assert draws.of(comp, draws.draws.empty()) is first
     assert sampler.decoded == 300
 
 

@@ -351,15 +351,20 @@ def _run(
         group1 = _Draws(sampler, codes1, n_samples, rng)
         group2 = _Group2Draws(sampler, comparisons, codes2, n_samples, rng)
         work = _WorkBuffers()
+        width1, width2 = (d.per_code * len(d.codes) for d in (group1, group2.draws))
 
         def draw(k: int) -> tuple:
             comp, slot = comparisons[k], k % 2
             # one-vs-rest: group 1's draws in the rest pool are reused, so the pool costs no decoding
             decoded = group2.own_draws(comp) if codes1 == codes2 else None
-            s1 = group1.of(comp.cells1, out=work.slot("s1", slot, group1), decoded=decoded)
+            # the maxima behind the pseudocount are taken while decoding, if all draws are paired
+            max1 = None
+            if pseudocounts is None and width1 <= width2:
+                max1 = torch.full((sampler.n_genes,), -torch.inf, device=model.device)
+            s1 = group1.of(comp.cells1, out=work.slot("s1", slot, group1), decoded=decoded, maxima=max1)
             s2 = group2.of(comp, out=work.slot("s2", slot, group2.draws))
             raw1, raw2 = stats.pair(comp)
-            return comp, s1, s2, raw1, raw2, _pseudocount(s1, s2, raw1, raw2, pseudocounts)
+            return comp, s1, s2, raw1, raw2, _pseudocount(s1, s2, raw1, raw2, pseudocounts, max1)
 
         def test(comp, s1, s2, raw1, raw2, pc) -> pd.DataFrame:
             return _compare(s1, s2, raw1, raw2, pc, model.setup.genes, mode, delta, fdr_target, comp, work)
@@ -490,9 +495,12 @@ class _PosteriorSampler:
     def empty(self, n_draws: int) -> torch.Tensor:
         return _empty((self.n_genes, n_draws), self.model.device)
 
-    def draw(self, cells: np.ndarray, code: int | None, out: torch.Tensor) -> torch.Tensor:
+    def draw(
+        self, cells: np.ndarray, code: int | None, out: torch.Tensor, maxima: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One draw per entry of ``cells`` (repeats allowed), decoded in batch ``code`` (``None``:
-        the cell's own), written into the columns of ``out``."""
+        the cell's own), written into the columns of ``out``; ``maxima`` (genes,), if given,
+        is raised to the per-gene maximum of the draws while they are in cache."""
         module, obs, device = self.model.module, self.bound.source.obs, self.model.device
         with self.model._inference():
             for start in range(0, len(cells), self.batch_size):
@@ -500,7 +508,10 @@ class _PosteriorSampler:
                 rows = torch.as_tensor(self.row[chunk], device=device)
                 covariates = {key: torch.as_tensor(v[chunk], device=device) for key, v in obs.items()}
                 z = module.sample_z(self.qz_m[rows], self.qz_v[rows])
-                out[:, start : start + len(chunk)] = module.expression(z, None, covariates, transform_batch=code).T
+                freq = module.expression(z, None, covariates, transform_batch=code)
+                out[:, start : start + len(chunk)] = freq.T
+                if maxima is not None:
+                    torch.maximum(maxima, freq.amax(0), out=maxima)
         return out
 
 
@@ -518,16 +529,26 @@ class _Draws:
     def columns(self, i: int) -> slice:
         return slice(i * self.per_code, (i + 1) * self.per_code)
 
-    def of(self, cells: np.ndarray, out: torch.Tensor, decoded: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def of(
+        self,
+        cells: np.ndarray,
+        out: torch.Tensor,
+        decoded: list[_Columns] | None = None,
+        maxima: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Draws of ``cells`` written into ``out``; ``decoded``: per batch code, uniform draws of
-        these cells decoded before, used as the first columns (only the rest is decoded)."""
+        these cells decoded before, used as the first columns (only the rest is decoded);
+        ``maxima`` (genes,), if given, is raised to the per-gene maximum over all the draws."""
         for i, code in enumerate(self.codes):
             target = out[:, self.columns(i)]
             k = 0 if decoded is None else min(decoded[i].shape[1], self.per_code)
             if k:
-                target[:, :k] = decoded[i][:, :k]
+                known = decoded[i].first(k)
+                torch.cat(known.views(), dim=1, out=target[:, :k])
+                if maxima is not None:
+                    torch.maximum(maxima, known.amax(k), out=maxima)
             if k < self.per_code:
-                self.sampler.draw(self.rng.choice(cells, self.per_code - k), code, target[:, k:])
+                self.sampler.draw(self.rng.choice(cells, self.per_code - k), code, target[:, k:], maxima)
         return out
 
 
@@ -548,12 +569,12 @@ class _Group2Draws:
 
     def __init__(self, sampler, comparisons: list[_Comparison], codes, n_samples: int, rng):
         self.draws = _Draws(sampler, codes, n_samples, rng)
-        self._last: tuple[np.ndarray, torch.Tensor] | None = None
+        self._last: tuple[np.ndarray, _Columns] | None = None
         rest = [c for c in comparisons if c.label2 == REST]
         self._block_of = {id(c): i for i, c in enumerate(rest)}
         self._pools = self._decode_pools(rest) if len(rest) >= 3 else None
 
-    def _decode_pools(self, rest: list[_Comparison]) -> list[tuple[torch.Tensor, np.ndarray]]:
+    def _decode_pools(self, rest: list[_Comparison]) -> list[tuple[_Pool, np.ndarray]]:
         """Per batch code: (genes, pool) draws over all cells, grouped by block, and block sizes."""
         d, n_obs = self.draws, self.draws.sampler.bound.n_obs
         block = np.full(n_obs, len(rest), dtype=np.int64)  # last block: cells of no tested group
@@ -566,66 +587,102 @@ class _Group2Draws:
             cells = d.rng.integers(0, n_obs, size)
             cells = cells[np.argsort(block[cells], kind="stable")]
             freq = d.sampler.draw(cells, code, d.sampler.empty(size))
-            pools.append((freq, np.bincount(block[cells], minlength=len(rest) + 1)))
+            pools.append((_Pool(freq), np.bincount(block[cells], minlength=len(rest) + 1)))
         return pools
 
-    def of(self, comp: _Comparison, out: torch.Tensor) -> torch.Tensor | _Columns:
+    def of(self, comp: _Comparison, out: torch.Tensor) -> _Columns:
         """The second group's draws: columns of the pool (``out`` holds any topping-up draws),
         or decoded (or kept from the previous comparison) in their own buffer."""
         if self._pools is not None and id(comp) in self._block_of:
             return self._from_pools(comp, self._block_of[id(comp)], out)
         if self._last is None or not np.array_equal(self._last[0], comp.cells2):
-            self._last = (comp.cells2, self.draws.of(comp.cells2, self.draws.empty()))  # kept: own buffer
+            decoded = self.draws.of(comp.cells2, self.draws.empty())  # kept: own buffer
+            self._last = (comp.cells2, _Columns.whole(decoded))
         return self._last[1]
 
-    def own_draws(self, comp: _Comparison) -> list[torch.Tensor] | None:
+    def own_draws(self, comp: _Comparison) -> list[_Columns] | None:
         """Per batch code, the pool's draws from the cells of ``comp``'s first group (uniform over
         them, independent of the rest draws of ``comp``), or None."""
         if self._pools is None or id(comp) not in self._block_of:
             return None
         g = self._block_of[id(comp)]
-        return [freq[:, sizes[:g].sum() : sizes[: g + 1].sum()] for freq, sizes in self._pools]
+        return [_Columns([(pool, sizes[:g].sum(), sizes[: g + 1].sum())]) for pool, sizes in self._pools]
 
     def _from_pools(self, comp: _Comparison, g: int, out: torch.Tensor) -> _Columns:
         d, parts = self.draws, []
-        for i, (code, (freq, sizes)) in enumerate(zip(d.codes, self._pools)):
+        for i, (code, (pool, sizes)) in enumerate(zip(d.codes, self._pools)):
             available = sizes.copy()
             available[g] = 0
             take = d.rng.multivariate_hypergeometric(available, min(d.per_code, int(available.sum())))
-            parts += [freq[:, start : start + n] for start, n in zip(np.cumsum(sizes) - sizes, take)]
+            parts += [(pool, start, start + n) for start, n in zip(np.cumsum(sizes) - sizes, take)]
             if take.sum() < d.per_code:  # too few pool draws outside a very large group: decode the rest
                 rest = out[:, d.columns(i)][:, : d.per_code - take.sum()]
-                parts.append(d.sampler.draw(d.rng.choice(comp.cells2, rest.shape[1]), code, rest))
+                d.sampler.draw(d.rng.choice(comp.cells2, rest.shape[1]), code, rest)
+                parts.append((_Pool(rest), 0, rest.shape[1]))
         return _Columns(parts)
 
 
+MAX_CHUNK = 32  # columns per stored maximum of a pool
+
+
+class _Pool:
+    """Decoded (genes, draws) with per-gene maxima over chunks of ``MAX_CHUNK`` columns: the
+    maximum over any column range then reads at most ``2 * MAX_CHUNK`` columns of the draws,
+    not the whole range (the pseudocount needs the maxima of every comparison's draws)."""
+
+    def __init__(self, freq: torch.Tensor):
+        genes, n = freq.shape
+        whole = n - n % MAX_CHUNK
+        self.freq = freq
+        self.chunk_max = freq[:, :whole].reshape(genes, whole // MAX_CHUNK, MAX_CHUNK).amax(2)
+
+    def range_max(self, start: int, stop: int) -> torch.Tensor:
+        """Per-gene maximum over the columns ``start:stop`` (not empty)."""
+        first, last = -(-start // MAX_CHUNK), stop // MAX_CHUNK  # chunks wholly inside: first:last
+        if first >= last:
+            return self.freq[:, start:stop].amax(1)
+        pieces = [self.freq[:, a:b] for a, b in ((start, first * MAX_CHUNK), (last * MAX_CHUNK, stop)) if a < b]
+        return torch.cat([self.chunk_max[:, first:last], *pieces], dim=1).amax(1)
+
+
 class _Columns:
-    """(genes, draws) draws held as an ordered list of column ranges of other arrays.
+    """(genes, draws) draws held as an ordered list of column ranges ``(pool, start, stop)``.
 
     The rest of a one-vs-rest comparison is a random subset of the pool's draws: it is read in
-    place, a gene block at a time, instead of being copied out of the pool.
+    place, a gene block at a time, instead of being copied out of the pool, and its maxima come
+    from the pool's chunk maxima.
     """
 
-    def __init__(self, parts: list[torch.Tensor]):
-        self.parts = [p for p in parts if p.shape[1]] or parts[:1]
-        self.shape = (parts[0].shape[0], sum(p.shape[1] for p in self.parts))
-        self.device = parts[0].device
+    def __init__(self, parts: list[tuple[_Pool, int, int]]):
+        self.parts = [(pool, int(a), int(b)) for pool, a, b in parts if b > a] or [parts[0]]
+        self.shape = (parts[0][0].freq.shape[0], sum(b - a for _, a, b in self.parts))
+        self.device = parts[0][0].freq.device
+
+    @classmethod
+    def whole(cls, freq: torch.Tensor) -> _Columns:
+        return cls([(_Pool(freq), 0, freq.shape[1])])
+
+    def views(self) -> list[torch.Tensor]:
+        return [pool.freq[:, a:b] for pool, a, b in self.parts]
+
+    def first(self, n: int) -> _Columns:
+        parts, start = [], 0
+        for pool, a, b in self.parts:
+            parts.append((pool, a, min(b, a + max(n - start, 0))))
+            start += b - a
+        return _Columns(parts)
 
     def rows(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
         """All draws of the genes ``rows``: a view when one array holds them, else gathered into
         ``out`` (shaped (rows, draws))."""
-        if len(self.parts) == 1:
-            return self.parts[0][rows]
-        return torch.cat([p[rows] for p in self.parts], dim=1, out=out)
+        views = self.views()
+        if len(views) == 1:
+            return views[0][rows]
+        return torch.cat([v[rows] for v in views], dim=1, out=out)
 
     def amax(self, n: int) -> torch.Tensor:
         """Per-gene maximum over the first ``n`` draws."""
-        maxima, start = [], 0
-        for p in self.parts:
-            if start < n:
-                maxima.append(p[:, : n - start].amax(1))
-            start += p.shape[1]
-        return torch.stack(maxima).amax(0)
+        return torch.stack([pool.range_max(a, b) for pool, a, b in self.first(n).parts if b > a]).amax(0)
 
 
 # -- raw statistics -------------------------------------------------------------------------------------------
@@ -794,19 +851,21 @@ def _empty(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.empty(shape, device=device)
 
 
-def _pseudocount(s1, s2, raw1, raw2, given: float | None) -> float:
-    """``given``, or scvi-tools' estimate from the per-gene maxima over the row-aligned pairs."""
+def _pseudocount(s1, s2, raw1, raw2, given: float | None, max1: torch.Tensor | None = None) -> float:
+    """``given``, or scvi-tools' estimate from the per-gene maxima over the row-aligned pairs
+    (``max1``: those of ``s1``, when known from drawing)."""
     if given is not None:
         return float(given)
-    s2 = s2 if isinstance(s2, _Columns) else _Columns([s2])
+    s2 = s2 if isinstance(s2, _Columns) else _Columns.whole(s2)
     n = min(s1.shape[1], s2.shape[1])
-    return _offset_from_maxima(_np(s1[:, :n].amax(1)), _np(s2.amax(n)), raw1, raw2)
+    max1 = s1[:, :n].amax(1) if max1 is None else max1
+    return _offset_from_maxima(_np(max1), _np(s2.amax(n)), raw1, raw2)
 
 
 def _compare(s1, s2, raw1, raw2, pc, genes, mode, delta, fdr_target, comp, work) -> pd.DataFrame:
     """The result table of one comparison: ``s1`` a (genes, draws) tensor, ``s2`` one or
     :class:`_Columns`; draw i of each group forms pair i."""
-    s2 = s2 if isinstance(s2, _Columns) else _Columns([s2])
+    s2 = s2 if isinstance(s2, _Columns) else _Columns.whole(s2)
     n = min(s1.shape[1], s2.shape[1])  # row-aligned pairs; within a batch when both used the same batches
 
     def block(rows: slice) -> dict[str, np.ndarray]:
