@@ -108,6 +108,30 @@ def test_dataframe_columns_reproducibility_and_no_side_effects(trained_model):
     np.testing.assert_allclose(df["proba_de"] + df["proba_not_de"], 1)
 
 
+@pytest.mark.parametrize("group2", [None, "label_0"])
+def test_pipelined_comparisons_equal_the_sequential_loop(trained_model, group2):
+    """With two or more torch threads, drawing comparison k + 1 overlaps testing comparison k in
+    alternating buffers; the table equals the one-thread sequential loop's (decoding rounds alike
+    up to float summation order), and the caller's thread count is restored."""
+    adata = trained_model.adata
+    kwargs = dict(groupby="labels", group2=group2, model=trained_model, n_samples=300, inplace=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sequential = ss.tl.differential_expression(adata, progress_bar=False, **kwargs)
+        torch.set_num_threads(2)
+        pipelined = ss.tl.differential_expression(adata, progress_bar=False, **kwargs)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert list(pipelined["comparison"].unique()) == list(sequential["comparison"].unique())
+    assert len(pipelined["comparison"].unique()) == (3 if group2 is None else 2)
+    key = ["comparison", "gene"]
+    a, b = (df.reset_index().set_index(key).sort_index() for df in (sequential, pipelined))
+    numeric = [c for c in a.columns if a[c].dtype.kind == "f"]
+    np.testing.assert_allclose(b[numeric].to_numpy(), a[numeric].to_numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_raw_statistics_match_direct_computation(trained_model):
     adata = trained_model.adata
     df = ss.tl.differential_expression(

@@ -4,7 +4,8 @@ For two groups of cells, normalised expression (the decoder's frequencies) is sa
 the posterior of each group: cells are drawn at random, each draw a fresh z from the cell's
 posterior, decoded once. Every cell is encoded once, the "rest" of a one-vs-rest loop is drawn
 from one shared pool, and the per-gene statistics run gene-major in reused buffers, so the
-cost is about ``n_samples`` decodes per group. Results are written in the layout of
+cost is about ``n_samples`` decodes per group. On a multi-core CPU one thread decodes the next
+comparison while another tests the current one. Results are written in the layout of
 :func:`scanpy.tl.rank_genes_groups`.
 """
 
@@ -338,9 +339,10 @@ def _run(
     """Sample both groups of every comparison and test; one DataFrame for all comparisons.
 
     On a multi-core CPU the comparisons run as a two-stage pipeline: a worker thread draws
-    (decodes) comparison k + 1 while this thread tests comparison k, each stage with torch
-    single-threaded. Both stages take about as long, and neither waits on the other's
-    OpenMP threads, which otherwise keep spinning for milliseconds after every parallel op.
+    (decodes) comparison k + 1 while this thread tests comparison k, each stage with half of
+    torch's threads (on two cores: one each). Both stages take about as long, and neither
+    waits on the other's OpenMP threads, which otherwise keep spinning for milliseconds after
+    every parallel operation and slow down the statistics' threads.
     """
     bound = model._require_data(adata)  # checks genes and batches of adata against the model
     stats = _RawStats(bound)
@@ -374,13 +376,15 @@ def _run(
         if model.device.type != "cpu" or n_threads < 2 or len(comparisons) < 2:
             return pd.concat([test(*draw(k)) for k in steps])
         frames, inputs = [], draw(0)  # nothing to overlap with yet: all threads
+        drawing_threads = n_threads // 2
         try:
-            with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as drawer:
+            with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(drawing_threads,)) as drawer:
                 for k in steps:
                     last = k + 1 == len(comparisons)
                     if not last:
                         pending = drawer.submit(draw, k + 1)  # slot (k + 1) % 2: not the one tested now
-                    torch.set_num_threads(n_threads if last else 1)  # the last test runs alone
+                    # torch's thread count is per thread; the last test runs alone, on all of them
+                    torch.set_num_threads(n_threads if last else n_threads - drawing_threads)
                     frames.append(test(*inputs))
                     if not last:
                         inputs = pending.result()
