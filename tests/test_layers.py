@@ -46,8 +46,20 @@ def test_small_products_use_torch_linear():
     assert x.shape[0] * layer.weight.numel() < ONEDNN_MIN_MACS
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
-        y = torch.randn(3, 4, 10)  # not 2-D: always torch's linear
+        y = torch.randn(3, 4, 10)  # 12 rows: still small
         torch.testing.assert_close(linear(y, layer.weight, layer.bias), F.linear(y, layer.weight, layer.bias))
+
+
+def test_samples_by_cells_input_is_one_product():
+    """(samples, cells, hidden) draws, as the expression queries decode them: same values as
+    torch's linear, shape kept."""
+    layer = _layer(128, 2000)
+    x = torch.relu(torch.randn(5, 64, 128))
+    with torch.inference_mode():
+        out = layer(x)
+    assert out.shape == (5, 64, 2000)
+    exact = x.double() @ layer.weight.double().T + layer.bias.double()
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
 
 
 def test_capability_check_leaves_the_rng_alone():

@@ -29,14 +29,16 @@ ONEDNN_MIN_MACS = 1 << 21  # 128 x 128 x 128 breaks even on an AVX-512 CPU; 2000
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for inference, by oneDNN on the CPU where available (see :class:`Linear`)."""
     if (
-        x.dim() == 2
+        x.dim() >= 2
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
-        and x.shape[0] * weight.numel() >= ONEDNN_MIN_MACS
+        and x.numel() // x.shape[-1] * weight.numel() >= ONEDNN_MIN_MACS
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and _onednn_linear_works()
     ):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        rows = x.reshape(-1, x.shape[-1])  # (samples, cells, features): one product
+        out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
