@@ -278,7 +278,9 @@ def test_given_pseudocount_is_used_as_is():
     comp = _Comparison("a", "b", np.arange(2), np.arange(2, 4))
     genes = [f"g{i}" for i in range(G)]
     t1, t2 = torch.from_numpy(s1), torch.from_numpy(s2)
-    df = _compare(t1, t2, raw, raw, _pseudocount(t1, t2, raw, raw, pc), genes, "change", 0.25, 0.05, comp, _WorkBuffers()).loc[genes]
+    df = _compare(
+        t1, t2, raw, raw, _pseudocount(t1, t2, raw, raw, pc), genes, "change", 0.25, 0.05, comp, _WorkBuffers()
+    ).loc[genes]
     np.testing.assert_array_equal(df["pseudocounts"], pc)
     lfc = np.log2(s1.astype(np.float64) + 1e-3 * pc) - np.log2(s2.astype(np.float64) + 1e-3 * pc)
     np.testing.assert_allclose(df["lfc_mean"], lfc.mean(1), rtol=1e-4, atol=1e-4)
@@ -377,17 +379,19 @@ def test_pool_columns_read_in_place_give_the_statistics_of_the_copy():
     G, n = GENE_BLOCK + 20, 300  # two gene blocks, the second one short
     s1 = torch.from_numpy(rng.dirichlet(np.full(G, 0.3), size=n).T.astype(np.float32))
     freq = torch.from_numpy(rng.dirichlet(np.full(G, 0.3), size=700).T.astype(np.float32))
+    raw = {k: rng.random(G) for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")}
+    raw["raw_mean"][:40] = 0
     pool = _Pool(freq)
-    for a, b in [(0, 700), (5, 6), (3, 2 * MAX_CHUNK + 1), (MAX_CHUNK, 3 * MAX_CHUNK), (33, 40), (650, 700)]:
-        torch.testing.assert_close(pool.range_max(a, b), freq[:, a:b].amax(1), rtol=0, atol=0)
     parts = [(pool, 10, 110), (pool, 200, 200), (pool, 300, 420), (pool, 600, 690)]  # 310 draws, one empty
     columns = _Columns(parts)
+    assert _pseudocount(s1, columns, raw, raw, 1e-4) == 1e-4
+    assert "chunk_max" not in vars(pool)  # a given pseudocount takes no maxima
+    for a, b in [(0, 700), (5, 6), (3, 2 * MAX_CHUNK + 1), (MAX_CHUNK, 3 * MAX_CHUNK), (33, 40), (650, 700)]:
+        torch.testing.assert_close(pool.range_max(a, b), freq[:, a:b].amax(1), rtol=0, atol=0)
     dense = torch.cat(columns.views(), dim=1)
     assert columns.shape == (G, 310) and dense.shape == (G, 310)
     for k in (1, 100, 150, 310):
         torch.testing.assert_close(columns.amax(k), dense[:, :k].amax(1), rtol=0, atol=0)
-    raw = {k: rng.random(G) for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")}
-    raw["raw_mean"][:40] = 0
     comp = _Comparison("a", "b", np.arange(2), np.arange(2, 4))
     genes = [f"g{i}" for i in range(G)]
     pc = _pseudocount(s1, columns, raw, raw, None)

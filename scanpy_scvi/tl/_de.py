@@ -11,10 +11,11 @@ comparison while another tests the current one. Results are written in the layou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -632,13 +633,17 @@ MAX_CHUNK = 32  # columns per stored maximum of a pool
 class _Pool:
     """Decoded (genes, draws) with per-gene maxima over chunks of ``MAX_CHUNK`` columns: the
     maximum over any column range then reads at most ``2 * MAX_CHUNK`` columns of the draws,
-    not the whole range (the pseudocount needs the maxima of every comparison's draws)."""
+    not the whole range (the pseudocount needs the maxima of every comparison's draws). The
+    chunk maxima are taken on first use: with a given pseudocount, never."""
 
     def __init__(self, freq: torch.Tensor):
-        genes, n = freq.shape
-        whole = n - n % MAX_CHUNK
         self.freq = freq
-        self.chunk_max = freq[:, :whole].reshape(genes, whole // MAX_CHUNK, MAX_CHUNK).amax(2)
+
+    @cached_property
+    def chunk_max(self) -> torch.Tensor:
+        genes, n = self.freq.shape
+        whole = n - n % MAX_CHUNK
+        return self.freq[:, :whole].reshape(genes, whole // MAX_CHUNK, MAX_CHUNK).amax(2)
 
     def range_max(self, start: int, stop: int) -> torch.Tensor:
         """Per-gene maximum over the columns ``start:stop`` (not empty)."""
