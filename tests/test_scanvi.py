@@ -118,7 +118,7 @@ def test_from_scvi_model_copies_weights_and_trains_briefly(base_adata):
         assert torch.equal(model.module.state_dict()[name], tensor), name
     assert model.setup.genes == vae.setup.genes and model.setup.batch_categories == vae.setup.batch_categories
     # heuristic 400 epochs for 300 cells -> min(10, max(2, round(400 / 3))) = 10
-    assert model._default_epochs(adata.n_obs) == 10
+    assert model.default_max_epochs(adata.n_obs) == 10
     model.train(progress_bar=False)
     assert len(model.history_["elbo_train"]) == 10
     with pytest.raises(ValueError, match="not trained"):

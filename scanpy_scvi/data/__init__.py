@@ -1,1 +1,7 @@
-"""AnnData -> checked minibatches (private)."""
+"""AnnData -> checked minibatches: the data setup a model stores, and every input check."""
+
+from ._arguments import SetupArguments
+from ._batches import MinibatchSource
+from ._setup import BoundData, DataSetup, categories
+
+__all__ = ["BoundData", "DataSetup", "MinibatchSource", "SetupArguments", "categories"]

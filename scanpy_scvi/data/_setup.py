@@ -69,11 +69,11 @@ class DataSetup:
             genes=[str(g) for g in genes],
             layer=layer,
             batch_key=batch_key,
-            batch_categories=_categories(adata, batch_key, "batch_key"),
+            batch_categories=categories(adata, batch_key, "batch_key"),
             labels_key=labels_key,
-            label_categories=_categories(adata, labels_key, "labels_key"),
+            label_categories=categories(adata, labels_key, "labels_key"),
             categorical_covariate_keys=cat_keys,
-            categorical_covariate_categories=[_categories(adata, k, "categorical_covariate_keys") for k in cat_keys],
+            categorical_covariate_categories=[categories(adata, k, "categorical_covariate_keys") for k in cat_keys],
             continuous_covariate_keys=list(continuous_covariate_keys or []),
             size_factor_key=size_factor_key,
             check_counts=check_counts,
@@ -85,6 +85,16 @@ class DataSetup:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataSetup:
         return cls(**d)
+
+    def module_sizes(self) -> dict[str, Any]:
+        """The data-dependent sizes a torch module is built with (besides ``len(genes)`` inputs)."""
+        return {
+            "n_batch": self.n_batch,
+            "n_labels": self.n_labels,
+            "n_cats_per_cov": self.n_cats_per_cov,
+            "n_continuous_cov": len(self.continuous_covariate_keys),
+            "use_size_factor": self.size_factor_key is not None,
+        }
 
     @property
     def n_batch(self) -> int:
@@ -253,7 +263,7 @@ def _categorical_obs(adata: AnnData, key: str, arg: str = "key") -> pd.Series:
     return values
 
 
-def _categories(adata: AnnData, key: str | None, arg: str) -> list[str]:
+def categories(adata: AnnData, key: str | None, arg: str) -> list[str]:
     if key is None:
         return ["0"]
     values = _categorical_obs(adata, key, arg)

@@ -1,6 +1,8 @@
-"""Model objects."""
+"""Model objects: one base (assembly, training, the internal API, files) and the models on it."""
 
+from ._base import BaseModel, resolve_device
 from ._scanvi import SCANVI
 from ._scvi import SCVI
+from ._surgery import query_model
 
-__all__ = ["SCANVI", "SCVI"]
+__all__ = ["SCANVI", "SCVI", "BaseModel", "query_model", "resolve_device"]

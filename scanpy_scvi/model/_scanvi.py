@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..data._setup import BoundData, DataSetup, _categories
-from ..nn._scanvae import SCANVAE
-from ._scvi import SCVI, _check_module_kwargs, _np, split_groups
+from .._settings import keyword_settings, split_settings
+from ..data import BoundData, DataSetup, SetupArguments, categories
+from ..nn import SCANVAE, SCANVIArchitecture, to_numpy
+from ..train import Objective, Terms, TrainContext, minibatches
+from ._base import split_groups
+from ._scvi import SCVI
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from torch import nn
 
 
+@keyword_settings(SetupArguments, SCANVIArchitecture)
 class SCANVI(SCVI):
     """scANVI (Xu et al. 2021): scVI with a cell-type classifier and a label-aware latent prior.
 
@@ -34,16 +39,20 @@ class SCANVI(SCVI):
     unlabeled_category
         The value that marks an unlabelled cell (it need not occur). It is not a class:
         ``n_labels`` counts the other categories, and at least two are needed.
-    linear_classifier
-        A single linear layer from the latent space to the labels instead of an MLP.
-    **kwargs
-        Every other argument of :class:`SCVI` (``layer``, ``genes``, ``batch_key``,
-        covariates, architecture, ``random_state``). ``dispersion='gene-label'`` is not
-        available (unlabelled cells have no label to index the dispersion with).
+    genes
+        Genes (``var_names``) to model, in order. Default: all genes of ``adata``.
+    {SetupArguments}
+    {SCANVIArchitecture}
+    random_state
+        Seed of the weight initialisation.
+
+    ``dispersion='gene-label'`` is not available (unlabelled cells have no label to index the
+    dispersion with).
     """
 
-    _kind = "scANVI"
-    _module_class = SCANVAE
+    name = "scANVI"
+    module_class = SCANVAE
+    classification_ratio = 50.0  # set by train()
 
     def __init__(
         self,
@@ -51,58 +60,15 @@ class SCANVI(SCVI):
         *,
         labels_key: str,
         unlabeled_category: str,
-        layer: str | None = None,
         genes: Sequence[str] | None = None,
-        batch_key: str | None = None,
-        categorical_covariate_keys: Sequence[str] | None = None,
-        continuous_covariate_keys: Sequence[str] | None = None,
-        size_factor_key: str | None = None,
-        check_counts: bool = True,
-        n_hidden: int = 128,
-        n_latent: int = 10,
-        n_layers: int = 1,
-        dropout_rate: float = 0.1,
-        dispersion: Literal["gene", "gene-batch", "gene-cell"] = "gene",
-        gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
-        latent_distribution: Literal["normal", "ln"] = "normal",
-        use_observed_lib_size: bool = True,
-        linear_classifier: bool = False,
-        encode_covariates: bool = False,
-        deeply_inject_covariates: bool = True,
-        use_batch_norm: Literal["encoder", "decoder", "both", "none"] = "both",
-        use_layer_norm: Literal["encoder", "decoder", "both", "none"] = "none",
         random_state: int | None = 0,
+        **settings,
     ):
-        module_kwargs = {
-            "n_hidden": n_hidden,
-            "n_latent": n_latent,
-            "n_layers": n_layers,
-            "dropout_rate": dropout_rate,
-            "dispersion": dispersion,
-            "gene_likelihood": gene_likelihood,
-            "latent_distribution": latent_distribution,
-            "use_observed_lib_size": use_observed_lib_size,
-            "linear_decoder": False,
-            "encode_covariates": encode_covariates,
-            "deeply_inject_covariates": deeply_inject_covariates,
-            "use_batch_norm": use_batch_norm,
-            "use_layer_norm": use_layer_norm,
-        }
-        _check_scanvi_kwargs(module_kwargs)
-        module_kwargs["linear_classifier"] = bool(linear_classifier)
-        setup = DataSetup.from_adata(
-            adata,
-            genes=genes,
-            layer=layer,
-            batch_key=batch_key,
-            categorical_covariate_keys=categorical_covariate_keys,
-            continuous_covariate_keys=continuous_covariate_keys,
-            size_factor_key=size_factor_key,
-            check_counts=check_counts,
-        )
+        setup_args, architecture = split_settings(settings, SetupArguments)
+        architecture = SCANVIArchitecture(**architecture)
+        setup = DataSetup.from_adata(adata, genes=genes, **setup_args)
         setup = _with_labels(setup, adata, labels_key, unlabeled_category)
-        self._pretrained = False
-        self._init_on(adata, setup, module_kwargs, random_state=random_state)
+        self._assemble(setup, architecture, adata=adata, random_state=random_state)
 
     @classmethod
     def from_scvi_model(
@@ -140,22 +106,19 @@ class SCANVI(SCVI):
         if not scvi_model.is_trained:
             msg = "scvi_model is not trained; train it first (`scvi_model.train()`)."
             raise ValueError(msg)
-        kwargs = dict(scvi_model.module_kwargs)
-        if kwargs["linear_decoder"]:
+        if scvi_model.architecture.linear_decoder:
             msg = "scANVI cannot start from an LDVAE (linear decoder) model."
             raise ValueError(msg)
-        _check_scanvi_kwargs(kwargs)
+        architecture = SCANVIArchitecture(
+            **scvi_model.architecture.to_dict(), linear_classifier=bool(linear_classifier)
+        )
         adata = scvi_model.adata if adata is None else adata
         if adata is None:
             msg = "scvi_model holds no AnnData (it was loaded without one); pass `adata=`."
             raise ValueError(msg)
         base = dataclasses.replace(scvi_model.setup, labels_key=None, label_categories=["0"])
         setup = _with_labels(base, adata, labels_key, unlabeled_category)
-        model = cls.__new__(cls)
-        model._pretrained = True
-        model._init_on(
-            adata, setup, {**kwargs, "linear_classifier": bool(linear_classifier)}, random_state=random_state
-        )
+        model = cls._assembled(setup, architecture, adata=adata, random_state=random_state, initialised_from="SCVI")
         state = scvi_model.module.state_dict()
         missing, unexpected = model.module.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith(("classifier.", "u_encoder.", "z_decoder.")) for k in missing):
@@ -164,12 +127,12 @@ class SCANVI(SCVI):
         return model
 
     def __repr__(self) -> str:
-        k = self.module_kwargs
+        a = self.architecture
         return (
             f"SCANVI: {len(self.setup.genes)} genes, {self.setup.n_batch} batches, "
             f"{self.setup.n_labels} labels ({self.setup.labels_key!r}, unlabelled = {self.setup.unlabeled_category!r}), "
-            f"n_latent={k['n_latent']}, n_hidden={k['n_hidden']}, n_layers={k['n_layers']}, "
-            f"{k['gene_likelihood']} likelihood; trained: {self.is_trained}"
+            f"n_latent={a.n_latent}, n_hidden={a.n_hidden}, n_layers={a.n_layers}, "
+            f"{a.gene_likelihood} likelihood; trained: {self.is_trained}"
         )
 
     # -- training ------------------------------------------------------------------------------
@@ -194,21 +157,23 @@ class SCANVI(SCVI):
         if not classification_ratio >= 0:
             msg = f"classification_ratio must be >= 0, got {classification_ratio}."
             raise ValueError(msg)
-        super().train(max_epochs, loop_settings={"classification_ratio": float(classification_ratio)}, **kwargs)
+        self.classification_ratio = float(classification_ratio)
+        super().train(max_epochs, **kwargs)
+        self.train_config["classification_ratio"] = self.classification_ratio
 
-    def _default_epochs(self, n_obs: int) -> int:
-        heuristic = super()._default_epochs(n_obs)
-        return min(10, max(2, round(heuristic / 3))) if getattr(self, "_pretrained", False) else heuristic
+    def default_max_epochs(self, n_obs: int) -> int:
+        heuristic = super().default_max_epochs(n_obs)
+        return min(10, max(2, round(heuristic / 3))) if self.initialised_from == "SCVI" else heuristic
 
     def _labelled(self, bound: BoundData) -> np.ndarray:
         return bound.source.obs["labels"] < self.setup.n_labels
 
-    def _split(self, bound: BoundData, train_size: float, random_state: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def split(self, bound: BoundData, train_size: float, random_state: int | None) -> tuple[np.ndarray, np.ndarray]:
         labelled = self._labelled(bound)  # labelled and unlabelled cells are split separately
         return split_groups([np.flatnonzero(labelled), np.flatnonzero(~labelled)], train_size, random_state)
 
-    def _loop_inputs(self, bound: BoundData, train_idx: np.ndarray) -> dict[str, Any]:
-        return {"labelled_idx": train_idx[self._labelled(bound)[train_idx]]}
+    def objective(self, bound: BoundData, train_idx: np.ndarray) -> Objective:
+        return SemiSupervisedObjective(train_idx[self._labelled(bound)[train_idx]], self.classification_ratio)
 
     # -- prediction ------------------------------------------------------------------------------
     def predict(
@@ -225,7 +190,7 @@ class SCANVI(SCVI):
         ``soft=False``: an array of label names, one per cell. ``soft=True``: a DataFrame of
         class probabilities (rows: cells, indexed by ``obs_names``; columns: the known labels).
         """
-        bound, idx = self._select(adata, indices)
+        bound, idx = self.select(adata, indices)
         probs = self._label_probabilities(bound, idx, batch_size)
         labels = np.asarray(self.setup.label_categories, dtype=object)
         if not soft:
@@ -233,19 +198,19 @@ class SCANVI(SCVI):
         target = self.adata if adata is None else adata
         return pd.DataFrame(probs, index=target.obs_names[idx], columns=pd.Index(labels))
 
-    def _calls(self) -> tuple[pd.Categorical, np.ndarray]:
+    def label_calls(self) -> tuple[pd.Categorical, np.ndarray]:
         """For the model's own cells: predicted labels (categorical over the known labels) and
         the probability of each call."""
-        bound, idx = self._select(None, None)
+        bound, idx = self.select(None, None)
         probs = self._label_probabilities(bound, idx)
         names = np.asarray(self.setup.label_categories, dtype=object)
         return pd.Categorical(names[probs.argmax(1)], categories=names), probs.max(1)
 
     def _label_probabilities(self, bound: BoundData, idx: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         out = np.empty((len(idx), self.setup.n_labels), dtype=np.float32)
-        with self._inference():
-            for rows, t in self._minibatches(bound, idx, batch_size, encoder_only=True):
-                out[rows] = _np(torch.softmax(self.module.classify(t), dim=-1))
+        with self.inference_mode():
+            for rows, t in self.minibatches(bound, idx, batch_size, encoder_only=True):
+                out[rows] = to_numpy(torch.softmax(self.module.classify(t), dim=-1))
         return out
 
 
@@ -258,15 +223,56 @@ def _with_labels(setup: DataSetup, adata: AnnData, labels_key: str, unlabeled_ca
         msg = "unlabeled_category is required (the obs value that marks unlabelled cells, e.g. 'Unknown')."
         raise ValueError(msg)
     unlabeled = str(unlabeled_category)
-    known = [c for c in _categories(adata, labels_key, "labels_key") if c != unlabeled]
+    known = [c for c in categories(adata, labels_key, "labels_key") if c != unlabeled]
     if len(known) < 2:
         msg = f"obs[{labels_key!r}] has {len(known)} known label(s) besides {unlabeled!r}; scANVI needs at least 2."
         raise ValueError(msg)
     return dataclasses.replace(setup, labels_key=labels_key, label_categories=known, unlabeled_category=unlabeled)
 
 
-def _check_scanvi_kwargs(k: dict[str, Any]) -> None:
-    _check_module_kwargs(k)
-    if k["dispersion"] == "gene-label":
-        msg = "scANVI does not support dispersion='gene-label' (unlabelled cells have no label); use 'gene' or 'gene-batch'."
-        raise ValueError(msg)
+class SemiSupervisedObjective(Objective):
+    """scANVI's objective: the ELBO of every cell plus ``classification_ratio`` times the
+    cross-entropy of a minibatch of labelled cells drawn alongside each minibatch (cycled,
+    reshuffled on every pass). The history gains ``classification_loss_*`` and ``accuracy_*``;
+    validation cells are scored on their own known labels."""
+
+    def __init__(self, labelled_idx: np.ndarray, classification_ratio: float):
+        self.labelled_idx = labelled_idx
+        self.classification_ratio = classification_ratio
+        self._stream = None
+        self._context: TrainContext | None = None
+
+    def begin(self, context: TrainContext) -> None:
+        self._context = context
+        if len(self.labelled_idx):
+            self._stream = _cycle(self.labelled_idx, context.config.batch_size, context.rng)
+
+    def loss(self, module: nn.Module, batch: dict[str, torch.Tensor], kl_weight: float) -> Terms:
+        labelled = None
+        if self._stream is not None:
+            labelled = self._context.source.get(next(self._stream), self._context.device)
+        return self._terms(module, batch, kl_weight, labelled)
+
+    def evaluate(self, module: nn.Module, batch: dict[str, torch.Tensor], kl_weight: float) -> Terms:
+        return self._terms(module, batch, kl_weight, batch)  # the known labels among these cells
+
+    def _terms(self, module, batch, kl_weight, labelled) -> Terms:
+        out = module.loss(batch, kl_weight=kl_weight)
+        terms = Terms(out["loss"], out["reconstruction_loss"], out["kl_z"] + out["kl_l"])
+        if labelled is not None:
+            c = module.classification(labelled)
+            n = c["n_labelled"]
+            if n > 0:
+                terms.loss = terms.loss + self.classification_ratio * c["classification_loss"]
+            terms.extra = {
+                "classification_loss": (c["classification_loss"].item() * n, n),
+                "accuracy": (float(c["n_correct"]), n),
+            }
+        return terms
+
+
+def _cycle(idx: np.ndarray, batch_size: int, rng: np.random.Generator):
+    """Endless minibatches of ``idx``, reshuffled on every pass."""
+    while True:
+        yield from minibatches(rng.permutation(idx), batch_size)
+

@@ -14,11 +14,10 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..data._setup import _categories
+from ..data import categories
 from ._scvi import SCVI
 
 if TYPE_CHECKING:
@@ -58,7 +57,7 @@ def query_model(
         for key, cats in zip(ref_setup.categorical_covariate_keys, ref_setup.categorical_covariate_categories)
     ]
     labels = {}
-    if ref_setup.unlabeled_category is not None or reference.module_kwargs["dispersion"] != "gene-label":
+    if ref_setup.unlabeled_category is not None or reference.architecture.dispersion != "gene-label":
         labels = {"labels_key": None}  # query cells are unlabelled; the label codes are not used otherwise
     setup = dataclasses.replace(
         ref_setup,
@@ -68,19 +67,14 @@ def query_model(
         max_missing_genes=float(max_missing_genes),
         **labels,
     )
-    bound = setup.bind(query)  # every input check, before anything is built
-
-    model = type(reference).__new__(type(reference))
-    model._pretrained = False
-    model._build(setup, reference.module_kwargs, random_state=random_state)
-    model.adata, model._bound = query, bound
+    model = type(reference)._assembled(
+        setup, reference.architecture, adata=query, random_state=random_state, initialised_from="reference"
+    )
     old_sizes = (ref_setup.n_batch, *ref_setup.n_cats_per_cov)
     new_sizes = (setup.n_batch, *setup.n_cats_per_cov)
     masks = _transfer(reference.module, model.module, old_sizes, new_sizes)
-    if not model.module_kwargs["use_observed_lib_size"]:
-        _library_prior_for_new_batches(model, bound, first_new=ref_setup.n_batch)
     _freeze(model.module, masks, freeze_expression=freeze_expression, freeze_batchnorm_decoder=freeze_batchnorm_decoder)
-    model._grad_masks = masks
+    model.trainable_masks = masks
     added = [f"{batch_key}={b}" for b in new_batches] + [
         f"{k}={v}" for k, vals in zip(ref_setup.categorical_covariate_keys, new_cov) for v in vals
     ]
@@ -88,7 +82,7 @@ def query_model(
 
 
 def _new_categories(query: AnnData, key: str, known: list[str], arg: str) -> list[str]:
-    return [c for c in _categories(query, key, arg) if c not in known]
+    return [c for c in categories(query, key, arg) if c not in known]
 
 
 def _widths(sizes) -> list[int]:
@@ -110,7 +104,7 @@ def _transfer(ref: nn.Module, new: nn.Module, old_sizes, new_sizes) -> dict[str,
         old = ref_state[key]
         if old.shape == fresh.shape:
             out[key] = old.clone()
-        elif key.endswith(("library_log_means", "library_log_vars")):
+        elif key.endswith(("library_log_means", "library_log_vars")):  # new batches: the query's prior
             out[key] = torch.cat([old, fresh[:, n_batch_old:]], dim=1)
         elif key == "log_theta":  # gene-batch dispersion: new batches start at the mean over batches
             grown = torch.cat([old, old.mean(dim=1, keepdim=True).expand(-1, n_batch_new - n_batch_old)], dim=1)
@@ -147,17 +141,6 @@ def _grow_covariate_columns(old, fresh, old_sizes, new_sizes) -> tuple[torch.Ten
             mask[:, n + n_old : n + wn] = True
         o, n = o + wo, n + wn
     return grown, mask
-
-
-def _library_prior_for_new_batches(model: SCVI, bound, *, first_new: int) -> None:
-    """Per-batch log-library prior of the new batches, from the query's cells."""
-    log_lib = np.log(bound.library)
-    batch = bound.source.obs["batch"]
-    for b in range(first_new, model.setup.n_batch):
-        sel = batch == b
-        if np.any(sel):
-            model.module.library_log_means[0, b] = float(log_lib[sel].mean())
-            model.module.library_log_vars[0, b] = float(log_lib[sel].var())
 
 
 def _freeze(

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._architecture import SCANVIArchitecture
 from ._layers import FCLayers, Linear
 from ._vae import VAE, GaussianEncoder, _kl_normal, _kl_normal_std, _log_normal, _rsample
 
@@ -48,19 +49,24 @@ class GaussianDecoder(nn.Module):
 class SCANVAE(VAE):
     """The scANVI module. ``n_labels`` counts the known labels; code ``n_labels`` means unlabelled.
 
-    Takes every :class:`VAE` argument plus ``linear_classifier``.
+    Takes every :class:`VAE` argument; its architecture is a :class:`SCANVIArchitecture`.
     """
 
-    is_semisupervised = True
+    architecture_class = SCANVIArchitecture
 
-    def __init__(self, n_input: int, *, n_labels: int, linear_classifier: bool = False, **vae_kwargs):
+    def __init__(self, n_input: int, *, n_labels: int, **kwargs):
         if n_labels < 2:
             msg = f"scANVI needs at least 2 known labels, got {n_labels}."
             raise ValueError(msg)
-        super().__init__(n_input, n_labels=n_labels, **vae_kwargs)
+        super().__init__(n_input, n_labels=n_labels, **kwargs)
         k, trunk = self.n_latent, {"n_hidden": self.n_hidden, "n_layers": self.n_layers}
         self.classifier = Classifier(
-            k, n_labels, linear=linear_classifier, dropout_rate=self.dropout_rate, **trunk, **self.encoder_norm
+            k,
+            n_labels,
+            linear=self.architecture.linear_classifier,
+            dropout_rate=self.dropout_rate,
+            **trunk,
+            **self.encoder_norm,
         )
         self.u_encoder = GaussianEncoder(
             k, k, n_cov=n_labels, dropout_rate=self.dropout_rate, **trunk, **self.encoder_norm
@@ -74,19 +80,13 @@ class SCANVAE(VAE):
             qz_m = torch.softmax(qz_m, dim=-1)
         return self.classifier(qz_m)
 
-    def loss(
-        self,
-        tensors: dict[str, torch.Tensor],
-        kl_weight: float = 1.0,
-        labelled: dict[str, torch.Tensor] | None = None,
-        classification_ratio: float = 50.0,
-    ) -> dict[str, torch.Tensor]:
-        """Per-cell ELBO terms (y summed out) plus ``classification_ratio`` x cross-entropy.
+    def loss(self, tensors: dict[str, torch.Tensor], kl_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """Per-cell ELBO terms, y summed out with the classifier's probabilities.
 
         ``reconstruction_loss`` holds -log p(x | z, l) + log q(z | x) - E_y[log p(z | u, y)]
         and ``kl_z`` holds E_y[KL(q(u | z, y) || N(0, I))] + KL(q(y | z) || uniform), so that
-        their sum is the negative ELBO, as in the reference. Cells of ``labelled`` whose label
-        code is a known label enter the cross-entropy (at the posterior mean of z).
+        their sum is the negative ELBO, as in the reference. The labelled cells' cross-entropy
+        is :meth:`classification` (the training objective adds it).
         """
         inf, gen = self(tensors)
         recon_x = -self.log_likelihood(tensors["X"], gen, tensors.get("nz_index"))
@@ -113,14 +113,11 @@ class SCANVAE(VAE):
             kl_l = _kl_normal(inf["ql_m"], inf["ql_v"], prior_m, prior_v).sum(-1)
         # unlike scVI, the reference's warm-up also scales the library and label KL terms
         loss = torch.mean(recon + kl_weight * (kl_z + kl_l))
-        out = {"loss": loss, "reconstruction_loss": recon, "kl_z": kl_z, "kl_l": kl_l}
-        if labelled is not None:
-            out.update(self._classification(labelled))
-            if out["n_labelled"] > 0:
-                out["loss"] = loss + classification_ratio * out["classification_loss"]
-        return out
+        return {"loss": loss, "reconstruction_loss": recon, "kl_z": kl_z, "kl_l": kl_l}
 
-    def _classification(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | int]:
+    def classification(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | int]:
+        """Cross-entropy of the cells with a known label (at the posterior mean of z), their
+        number and how many the classifier gets right."""
         known = tensors["labels"] < self.n_labels
         n = int(known.sum())
         if n == 0 or (self.training and n < 2):  # batch norm cannot train on one cell

@@ -16,20 +16,16 @@ minibatch is a dict with
 from __future__ import annotations
 
 import math
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._architecture import VAEArchitecture
 from ._layers import FCLayers, Linear, _apply_2d, batch_norm
 from ._likelihoods import log_nb, log_poisson, log_zinb, summed_log_likelihood
 
 VAR_EPS = 1e-4  # added to the encoder variance, as in the reference
 
-Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
-Likelihood = Literal["zinb", "nb", "poisson"]
-NormChoice = Literal["encoder", "decoder", "both", "none"]
 
 
 class GaussianEncoder(nn.Module):
@@ -54,6 +50,8 @@ class VAE(nn.Module):
     without bias, so that its (folded) weights are interpretable loadings.
     """
 
+    architecture_class = VAEArchitecture
+
     def __init__(
         self,
         n_input: int,
@@ -62,42 +60,35 @@ class VAE(nn.Module):
         n_labels: int = 1,
         n_cats_per_cov: tuple[int, ...] = (),
         n_continuous_cov: int = 0,
-        n_hidden: int = 128,
-        n_latent: int = 10,
-        n_layers: int = 1,
-        dropout_rate: float = 0.1,
-        dispersion: Dispersion = "gene",
-        gene_likelihood: Likelihood = "zinb",
-        latent_distribution: Literal["normal", "ln"] = "normal",
-        use_observed_lib_size: bool = True,
         use_size_factor: bool = False,
-        linear_decoder: bool = False,
-        encode_covariates: bool = False,
-        deeply_inject_covariates: bool = True,
-        use_batch_norm: NormChoice = "both",
-        use_layer_norm: NormChoice = "none",
+        architecture: VAEArchitecture | None = None,
+        **settings,
     ):
+        """``n_input`` genes and the data's category counts; the architecture as a
+        :class:`VAEArchitecture`, or its fields as keywords."""
         super().__init__()
-        self.n_input, self.n_batch, self.n_labels, self.n_latent = n_input, n_batch, n_labels, n_latent
-        self.n_hidden, self.n_layers, self.dropout_rate = n_hidden, n_layers, dropout_rate
+        if architecture is None:
+            architecture = self.architecture_class(**settings)
+        elif settings:
+            msg = f"Pass the architecture or its settings {sorted(settings)}, not both."
+            raise TypeError(msg)
+        self.architecture = a = architecture
+        self.n_input, self.n_batch, self.n_labels, self.n_latent = n_input, n_batch, n_labels, a.n_latent
+        self.n_hidden, self.n_layers, self.dropout_rate = a.n_hidden, a.n_layers, a.dropout_rate
         # which hidden layers are normalised, as FCLayers flags (subclasses build more networks)
-        self.encoder_norm = {
-            "use_batch_norm": use_batch_norm in ("encoder", "both"),
-            "use_layer_norm": use_layer_norm in ("encoder", "both"),
-        }
-        self.decoder_norm = {
-            "use_batch_norm": use_batch_norm in ("decoder", "both"),
-            "use_layer_norm": use_layer_norm in ("decoder", "both"),
-        }
+        self.encoder_norm = a.normalised("encoder")
+        self.decoder_norm = a.normalised("decoder")
         self.n_cats_per_cov = tuple(n_cats_per_cov)
         self.n_continuous_cov = n_continuous_cov
-        self.dispersion = dispersion
-        self.gene_likelihood = gene_likelihood
-        self.latent_distribution = latent_distribution
-        self.use_observed_lib_size = use_observed_lib_size
+        self.dispersion = dispersion = a.dispersion
+        self.gene_likelihood = a.gene_likelihood
+        self.latent_distribution = a.latent_distribution
+        self.use_observed_lib_size = use_observed_lib_size = a.use_observed_lib_size
         self.use_size_factor = use_size_factor
-        self.linear_decoder = linear_decoder
-        self.encode_covariates = encode_covariates
+        self.linear_decoder = linear_decoder = a.linear_decoder
+        self.encode_covariates = encode_covariates = a.encode_covariates
+        n_hidden, n_latent, n_layers, dropout_rate = a.n_hidden, a.n_latent, a.n_layers, a.dropout_rate
+        deeply_inject_covariates = a.deeply_inject_covariates
 
         # One-hot widths of the categorical covariates (batch first); 1-category ones are dropped.
         self.cat_sizes = [n for n in (n_batch, *self.n_cats_per_cov) if n > 1]

@@ -113,10 +113,7 @@ def map_query(
     ``query.uns['scvi']`` (or ``'scanvi'``) : dict
         ``params``, the padded ``missing_genes``, ``new_categories``, ``history`` and the model.
     """
-    from ..model import SCANVI
-    from ..model._scvi import _seeded
-    from ..model._surgery import query_model
-    from ..pp._scvi import _uns_record
+    from ..model import SCANVI, query_model
 
     ref_model, ref_adata = _resolve_reference(reference, reference_key)
     is_scanvi = isinstance(ref_model, SCANVI)
@@ -162,7 +159,7 @@ def map_query(
             UserWarning,
             stacklevel=2,
         )
-    if not ref_model.module_kwargs["encode_covariates"]:
+    if not ref_model.architecture.encode_covariates:
         warnings.warn(
             "The reference was trained with encode_covariates=False: its encoder ignores batches, so the "
             "query's latent space is the reference encoder's output and query training cannot move it. "
@@ -172,8 +169,8 @@ def map_query(
         )
     kind = type(ref_model).__name__
     if max_epochs is None:
-        max_epochs = min(model._default_epochs(query.n_obs), DEFAULT_QUERY_EPOCHS[kind] // 5)
-    start = logg.info(f"mapping {query.n_obs} query cells onto a {model._kind} reference; new categories: {added}")
+        max_epochs = min(model.default_max_epochs(query.n_obs), DEFAULT_QUERY_EPOCHS[kind] // 5)
+    start = logg.info(f"mapping {query.n_obs} query cells onto a {model.name} reference; new categories: {added}")
     if added and max_epochs > 0:
         model.train(
             max_epochs,
@@ -192,13 +189,13 @@ def map_query(
         model.to_device(device)
         model.is_trained = True
 
-    with _seeded(random_state, model.device):
+    with model.seeded(random_state):
         latent = model.get_latent_representation()
     outputs: dict[str, Any] = {}
     label_col = None
     if is_scanvi:
         label_col = ref_model.setup.labels_key
-        calls, confidence = model._calls()
+        calls, confidence = model.label_calls()
         outputs = {"pred": calls, "uncertainty": 1.0 - confidence}
     elif labels_key is not None:
         label_col = labels_key
@@ -216,11 +213,9 @@ def map_query(
         freeze_batchnorm_decoder=freeze_batchnorm_decoder, n_neighbors=n_neighbors if label_col and not is_scanvi else None,
         random_state=random_state, key_added=key_added,
     )  # fmt: skip
-    record = _uns_record(model, params)
+    record = model.uns_record(params, store_model=store_model)
     record["missing_genes"] = np.asarray(missing, dtype=object)
     record["new_categories"] = np.asarray(added, dtype=object)
-    if store_model:
-        record["model"] = model.to_uns()
     query.uns[uns_key] = record
     written = f"'{key_added}' (obsm)" + (f", '{label_col}_pred', '{label_col}_uncertainty' (obs)" if label_col else "")
     logg.info("    finished", time=start, deep=f"added\n    {written}, '{uns_key}' (uns)")

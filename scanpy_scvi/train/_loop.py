@@ -5,14 +5,19 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .._compat import logg
-from ..data._batches import MinibatchSource
-from ..nn._vae import VAE
+from ._objective import Objective, Terms, TrainContext
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..data import MinibatchSource
 
 
 @dataclass
@@ -25,18 +30,25 @@ class TrainConfig:
     eps: float = 0.01
     batch_size: int = 128
     n_epochs_kl_warmup: int | None = 400
+    n_steps_kl_warmup: int | None = None  # if given, the warm-up counts optimiser steps instead
     min_kl_weight: float = 0.0
     max_kl_weight: float = 1.0
     early_stopping: bool = False
     early_stopping_patience: int = 45
     early_stopping_min_delta: float = 0.0
-    classification_ratio: float = 50.0  # scANVI only: weight of the labelled cross-entropy
+    reduce_lr_on_plateau: bool = False
+    lr_factor: float = 0.6
+    lr_patience: int = 30
+    lr_threshold: float = 0.0
+    lr_min: float = 0.0
 
-    def kl_weight(self, epoch: int) -> float:
-        """Linear warm-up from ``min_kl_weight`` to ``max_kl_weight``, constant within an epoch."""
-        if not self.n_epochs_kl_warmup or epoch >= self.n_epochs_kl_warmup:
+    def kl_weight(self, epoch: int, step: int = 0) -> float:
+        """Linear warm-up from ``min_kl_weight`` to ``max_kl_weight``: per epoch (constant within
+        one), or per optimiser step when ``n_steps_kl_warmup`` is set."""
+        done, length = (step, self.n_steps_kl_warmup) if self.n_steps_kl_warmup else (epoch, self.n_epochs_kl_warmup)
+        if not length or done >= length:
             return self.max_kl_weight
-        return self.min_kl_weight + (self.max_kl_weight - self.min_kl_weight) * epoch / self.n_epochs_kl_warmup
+        return self.min_kl_weight + (self.max_kl_weight - self.min_kl_weight) * done / length
 
 
 def minibatches(indices: np.ndarray, batch_size: int, min_size: int = 3) -> list[np.ndarray]:
@@ -52,37 +64,36 @@ def minibatches(indices: np.ndarray, batch_size: int, min_size: int = 3) -> list
     return batches
 
 
-def train_vae(
-    module: VAE,
+def train(
+    module: nn.Module,
     source: MinibatchSource,
     train_idx: np.ndarray,
     val_idx: np.ndarray,
     config: TrainConfig,
+    objective: Objective | None = None,
     *,
     device: torch.device,
     seed: int | None,
     progress_bar: bool = True,
-    labelled_idx: np.ndarray | None = None,
     grad_masks: dict[str, torch.Tensor] | None = None,
-    desc: str = "Training scVI",
+    desc: str = "Training",
 ) -> tuple[dict[str, list[float]], int | None]:
-    """Train ``module`` in place; return the per-epoch history and the restored best epoch.
+    """Train ``module`` in place on ``objective`` (default the ELBO); return the per-epoch
+    history and the restored best epoch.
 
     Metrics follow scvi-tools: ``elbo_*`` = mean over cells of recon + unweighted KL;
-    ``reconstruction_loss_*``, ``kl_local_*`` (z and library KL), ``kl_weight`` and
-    ``train_loss`` (the warm-up weighted objective). With early stopping the weights of the
-    best epoch (by ``elbo_validation``, or ``elbo_train`` without a validation set) are
-    restored at the end.
-
-    A semi-supervised module (scANVI) also gets, with every minibatch, a minibatch of the
-    labelled cells ``labelled_idx`` (cycled, reshuffled on every pass), and the history gains
-    ``classification_loss_*`` and ``accuracy_*``.
+    ``reconstruction_loss_*``, ``kl_local_*``, ``kl_weight``, ``train_loss`` (and ``lr`` with
+    ``reduce_lr_on_plateau``) (the
+    the objective's weighted loss), plus the objective's extra metrics. With early stopping the
+    weights of the best epoch (by ``elbo_validation``, or ``elbo_train`` without a validation
+    set) are restored at the end; the learning-rate schedule watches the same metric.
 
     ``grad_masks`` (parameter name -> boolean mask of trainable entries) freezes parts of
     parameters (reference mapping): masked-out entries get exactly zero gradient and no
     weight decay, so Adam leaves them bit-identical. Parameters with ``requires_grad=False``
     are not optimised at all.
     """
+    objective = objective or Objective()
     module.to(device)
     grad_masks = {k: m.to(device) for k, m in (grad_masks or {}).items()}
     named = [(k, p) for k, p in module.named_parameters() if p.requires_grad]
@@ -91,45 +102,43 @@ def train_vae(
     if masked:  # their L2 term is added to the masked gradient by hand, below
         groups.append({"params": [p for p, _ in masked], "weight_decay": 0.0})
     optimizer = _adam([g for g in groups if g["params"]], lr=config.lr, eps=config.eps)
+    scheduler = _plateau_scheduler(optimizer, config) if config.reduce_lr_on_plateau else None
     shuffle_rng = np.random.default_rng(seed)
-    semi = getattr(module, "is_semisupervised", False)
-    labelled_stream = (
-        _cycle(labelled_idx, config.batch_size, shuffle_rng)
-        if semi and labelled_idx is not None and len(labelled_idx)
-        else None
-    )
+    objective.begin(TrainContext(source, train_idx, device, shuffle_rng, config))
     history: dict[str, list[float]] = {}
     monitor = "elbo_validation" if len(val_idx) else "elbo_train"
     best, best_state, best_epoch, since_best = math.inf, None, -1, 0
+    step = 0
 
     bar = tqdm(range(config.max_epochs), desc=desc, unit="epoch", disable=not progress_bar)
     for epoch in bar:
-        kl_weight = config.kl_weight(epoch)
         module.train()
-        sums = _Sums()
+        objective.epoch_start(module, epoch)
+        sums = Sums()
         for idx in minibatches(shuffle_rng.permutation(train_idx), config.batch_size):
-            extra = {}
-            if labelled_stream is not None:
-                extra = {
-                    "labelled": source.get(next(labelled_stream), device),
-                    "classification_ratio": config.classification_ratio,
-                }
-            out = module.loss(source.get(idx, device, nonzero=True), kl_weight=kl_weight, **extra)
+            kl_weight = config.kl_weight(epoch, step)
+            terms = objective.loss(module, source.get(idx, device, nonzero=True), kl_weight)
             optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
+            terms.loss.backward()
             for p, mask in masked:
                 if p.grad is not None:
                     p.grad.add_(p.detach(), alpha=config.weight_decay).masked_fill_(~mask, 0.0)
             optimizer.step()
-            sums.add(out)
+            objective.after_step(module)
+            sums.add(terms)
+            step += 1
         metrics = {**sums.metrics("train"), "kl_weight": kl_weight}
+        if scheduler is not None:
+            metrics["lr"] = optimizer.param_groups[0]["lr"]
         if len(val_idx):
             metrics.update(
-                evaluate(module, source, val_idx, config.batch_size, device, kl_weight).metrics("validation")
+                evaluate(module, source, val_idx, config.batch_size, device, kl_weight, objective).metrics("validation")
             )
         for k, v in metrics.items():
             history.setdefault(k, []).append(v)
         bar.set_postfix(elbo=f"{metrics[monitor]:.1f}", refresh=False)
+        if scheduler is not None:
+            scheduler.step(metrics[monitor])
 
         if config.early_stopping:
             if metrics[monitor] < best - config.early_stopping_min_delta:
@@ -147,12 +156,6 @@ def train_vae(
     return history, (best_epoch if best_state is not None else None)
 
 
-def _cycle(idx: np.ndarray, batch_size: int, rng: np.random.Generator):
-    """Endless minibatches of ``idx``, reshuffled on every pass (the labelled stream of scANVI)."""
-    while True:
-        yield from minibatches(rng.permutation(idx), batch_size)
-
-
 def _adam(params, **kwargs) -> torch.optim.Adam:
     """Adam with the fused single-kernel update where this torch supports it (same algorithm)."""
     try:
@@ -161,51 +164,72 @@ def _adam(params, **kwargs) -> torch.optim.Adam:
         return torch.optim.Adam(params, **kwargs)
 
 
+def _plateau_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """scvi-tools' schedule: multiply the learning rate by ``lr_factor`` when the monitored ELBO
+    has not improved by ``lr_threshold`` (absolute) for ``lr_patience`` epochs."""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer,
+        mode="min",
+        factor=config.lr_factor,
+        patience=config.lr_patience,
+        threshold=config.lr_threshold,
+        threshold_mode="abs",
+        min_lr=config.lr_min,
+    )
+
+
 @torch.inference_mode()
 def evaluate(
-    module: VAE, source: MinibatchSource, idx: np.ndarray, batch_size: int, device: torch.device, kl_weight: float = 1.0
-) -> _Sums:
+    module: nn.Module,
+    source: MinibatchSource,
+    idx: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    kl_weight: float = 1.0,
+    objective: Objective | None = None,
+) -> Sums:
     """Loss terms summed over ``idx`` in eval mode (one posterior sample per cell)."""
+    objective = objective or Objective()
     was_training = module.training
     module.eval()
-    sums = _Sums()
-    semi = getattr(module, "is_semisupervised", False)
+    sums = Sums()
     for start in range(0, len(idx), batch_size):
-        tensors = source.get(idx[start : start + batch_size], device, nonzero=True)
-        extra = {"labelled": tensors} if semi else {}  # known labels among these cells
-        sums.add(module.loss(tensors, kl_weight=kl_weight, **extra))
+        sums.add(objective.evaluate(module, source.get(idx[start : start + batch_size], device, nonzero=True), kl_weight))
     module.train(was_training)
     return sums
 
 
-class _Sums:
-    """Accumulates per-cell loss terms over an epoch."""
+class Sums:
+    """Accumulates per-cell loss terms and extra metrics over an epoch."""
 
     def __init__(self):
-        self.n = self.n_labelled = self.n_correct = 0
-        self.recon = self.kl = self.loss = self.ce = 0.0
-        self.semi = False
+        self.n = 0
+        self.recon = self.kl = self.loss = 0.0
+        self.extra: dict[str, list[float]] = {}
 
-    def add(self, out: dict[str, torch.Tensor]) -> None:
-        n = out["reconstruction_loss"].shape[0]
+    def add(self, terms: Terms) -> None:
+        n = terms.reconstruction.shape[0]
         self.n += n
-        self.recon += out["reconstruction_loss"].sum().item()
-        self.kl += (out["kl_z"] + out["kl_l"]).sum().item()
-        self.loss += out["loss"].item() * n
-        if "n_labelled" in out:
-            self.semi = True
-            self.n_labelled += out["n_labelled"]
-            self.n_correct += out["n_correct"]
-            self.ce += out["classification_loss"].item() * out["n_labelled"]
+        self.recon += terms.reconstruction.sum().item()
+        self.kl += terms.kl.sum().item()
+        self.loss += terms.loss.item() * n
+        for name, (total, count) in terms.extra.items():
+            acc = self.extra.setdefault(name, [0.0, 0])
+            acc[0] += total
+            acc[1] += count
+
+    @property
+    def elbo(self) -> float:
+        """Mean negative ELBO per cell (what ``elbo_*`` records)."""
+        return (self.recon + self.kl) / self.n
 
     def metrics(self, split: str) -> dict[str, float]:
         m = {
-            f"elbo_{split}": (self.recon + self.kl) / self.n,
+            f"elbo_{split}": self.elbo,
             f"reconstruction_loss_{split}": self.recon / self.n,
             f"kl_local_{split}": self.kl / self.n,
             f"{split}_loss": self.loss / self.n,
         }
-        if self.semi:
-            m[f"classification_loss_{split}"] = self.ce / self.n_labelled if self.n_labelled else math.nan
-            m[f"accuracy_{split}"] = self.n_correct / self.n_labelled if self.n_labelled else math.nan
+        for name, (total, count) in self.extra.items():
+            m[f"{name}_{split}"] = total / count if count else math.nan
         return m

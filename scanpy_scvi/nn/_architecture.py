@@ -1,0 +1,102 @@
+"""The architecture settings of each module: declared once, used by the module, the model class,
+the ``pp`` function and the saved JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .._settings import Settings, positive_int, setting, unit_interval
+
+Dispersion = Literal["gene", "gene-batch", "gene-label", "gene-cell"]
+Likelihood = Literal["zinb", "nb", "poisson"]
+NormChoice = Literal["encoder", "decoder", "both", "none"]
+NORMS = ("encoder", "decoder", "both", "none")
+
+
+@dataclass(frozen=True)
+class VAEArchitecture(Settings):
+    """scVI / LDVAE architecture; defaults are the published (scvi-tools) ones."""
+
+    n_hidden: int = setting(128, "Hidden units per layer (default 128).", check=positive_int)
+    n_latent: int = setting(10, "Latent dimensions (default 10).", check=positive_int)
+    n_layers: int = setting(1, "Hidden layers of the encoders and the decoder (default 1).", check=positive_int)
+    dropout_rate: float = setting(0.1, "Dropout of the encoders' hidden layers (default 0.1).", check=unit_interval)
+    dispersion: Dispersion = setting(
+        "gene",
+        "Negative binomial dispersion: ``'gene'`` (one per gene), ``'gene-batch'``, ``'gene-label'`` or "
+        "``'gene-cell'``.",
+        choices=("gene", "gene-batch", "gene-label", "gene-cell"),
+    )
+    gene_likelihood: Likelihood | None = setting(
+        None,
+        "``'zinb'``, ``'nb'`` or ``'poisson'``. Default (``None``): ``'zinb'`` for scVI, ``'nb'`` for LDVAE, "
+        "the published defaults.",
+        choices=("zinb", "nb", "poisson"),
+    )
+    latent_distribution: Literal["normal", "ln"] = setting(
+        "normal", "``'normal'`` or ``'ln'`` (logistic normal).", choices=("normal", "ln")
+    )
+    use_observed_lib_size: bool | None = setting(
+        None,
+        "Use log total counts as the library (default for scVI), or learn it with a per-batch log-normal "
+        "prior (``False``; default for LDVAE).",
+        choices=(True, False),
+    )
+    linear_decoder: bool = setting(
+        False, "LDVAE: a linear, batch-normalised decoder whose loadings are interpretable.", choices=(True, False)
+    )
+    encode_covariates: bool = setting(
+        False,
+        "Feed the batch and covariates to the encoders too (off in the reference model; needed by a reference "
+        "that queries will be mapped onto, see ``pp.REFERENCE_MAPPING``).",
+        choices=(True, False),
+    )
+    deeply_inject_covariates: bool = setting(
+        True, "Inject categorical covariates into every hidden layer, not just the first.", choices=(True, False)
+    )
+    use_batch_norm: NormChoice = setting(
+        "both", "Where hidden layers are batch-normalised: ``'encoder'``, ``'decoder'``, ``'both'`` or ``'none'``.",
+        choices=NORMS,
+    )  # fmt: skip
+    use_layer_norm: NormChoice = setting(
+        "none", "Where hidden layers are layer-normalised: ``'encoder'``, ``'decoder'``, ``'both'`` or ``'none'``.",
+        choices=NORMS,
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        # settings whose default depends on the decoder are resolved here, so that a saved
+        # architecture records what was built
+        if self.gene_likelihood is None:
+            object.__setattr__(self, "gene_likelihood", "nb" if self.linear_decoder else "zinb")
+        if self.use_observed_lib_size is None:
+            object.__setattr__(self, "use_observed_lib_size", not self.linear_decoder)
+        super().__post_init__()
+
+    def normalised(self, part: Literal["encoder", "decoder"]) -> dict[str, bool]:
+        """Which normalisation the hidden layers of ``part`` use, as ``FCLayers`` flags."""
+        return {
+            "use_batch_norm": self.use_batch_norm in (part, "both"),
+            "use_layer_norm": self.use_layer_norm in (part, "both"),
+        }
+
+
+@dataclass(frozen=True)
+class SCANVIArchitecture(VAEArchitecture):
+    """scANVI: the scVI architecture plus the classifier's."""
+
+    linear_classifier: bool = setting(
+        False, "A single linear layer from the latent space to the labels instead of an MLP.", choices=(True, False)
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dispersion == "gene-label":
+            msg = (
+                "scANVI does not support dispersion='gene-label' (unlabelled cells have no label); "
+                "use 'gene' or 'gene-batch'."
+            )
+            raise ValueError(msg)
+        if self.linear_decoder:
+            msg = "scANVI has no linear decoder (LDVAE) variant."
+            raise ValueError(msg)
