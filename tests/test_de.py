@@ -14,7 +14,7 @@ import torch
 from conftest import IFNB, make_adata
 
 import scanpy_scvi as ss
-from scanpy_scvi.tl._de import _fdr_flags
+from scanpy_scvi.tl._de_engine import _fdr_flags
 
 ISGS = ["ISG15", "IFI6", "IFIT1", "MX1", "IFIT3"]
 needs_ifnb = pytest.mark.skipif(not IFNB.is_file(), reason=f"real data not found at {IFNB}")
@@ -73,6 +73,33 @@ def test_one_vs_rest_in_rank_genes_groups_layout(ifnb, tmp_path):
 
 
 @needs_ifnb
+def test_layout_puts_up_regulated_genes_first_by_default(ifnb):
+    """scanpy users read the layout as markers: by default (rank_by='up') the top genes of each
+    group are up-regulated in it, with 'down' down-regulated; 'both' is the two-sided proba_de
+    order, which put down-regulated genes among the top (all of the erythrocytes' top 10)."""
+    adata = ifnb.copy()
+    kwargs = dict(groupby="cell_type", n_samples=1000, progress_bar=False)
+    for rank_by, proba, sign in (("up", "proba_up", 1), ("down", "proba_down", -1), ("both", "proba_de", 0)):
+        key = f"de_{rank_by}"
+        ss.tl.differential_expression(adata, key_added=key, **kwargs, **({"rank_by": rank_by} if sign <= 0 else {}))
+        res = adata.uns[key]
+        assert res["params"]["rank_by"] == rank_by and res["params"]["scores"] == proba
+        checked, down_in_top = 0, 0
+        for g in res["names"].dtype.names:
+            df = sc.get.rank_genes_groups_df(adata, g, key=key)
+            assert len(df) == 2000 and np.all(np.diff(df["scores"]) <= 0)
+            np.testing.assert_array_equal(df["scores"], res[proba][g])
+            down_in_top += int((df["logfoldchanges"][:10] < 0).sum())
+            if sign and (res[proba][g] > 0.5).sum() >= 10:
+                assert (sign * res["lfc_mean"][g][:10] > 0).all(), (rank_by, g, df[:10])
+                assert (sign * df["logfoldchanges"][:10] > 0).all(), (rank_by, g, df[:10])
+                checked += 1
+        assert checked >= (10 if sign else 0)  # of 13 cell types
+        if rank_by == "both":
+            assert down_in_top >= 10
+
+
+@needs_ifnb
 def test_within_cluster_stimulated_vs_control(ifnb):
     adata = ifnb.copy()
     ss.tl.within_cluster_differential_expression(
@@ -83,6 +110,7 @@ def test_within_cluster_stimulated_vs_control(ifnb):
     assert res["params"]["groupby"] == "cell_type"
     df = sc.get.rank_genes_groups_df(adata, "CD14 Mono", key="scvi_de_within").set_index("names")
     assert (df.loc[["ISG15", "IFIT3"], "logfoldchanges"] > 1).all()
+    assert res["params"]["rank_by"] == "up" and (df["logfoldchanges"][:10] > 0).all()  # up in STIM first
     assert res["is_de_fdr_0.05"]["CD14 Mono"][list(res["names"]["CD14 Mono"]).index("ISG15")]
 
 
@@ -92,10 +120,10 @@ def test_dataframe_columns_reproducibility_and_no_side_effects(trained_model):
     kwargs = dict(groupby="labels", model=trained_model, n_samples=300, inplace=False, progress_bar=False)
     df = ss.tl.differential_expression(adata, **kwargs)
     expected = [
-        "proba_de", "proba_not_de", "bayes_factor", "scale1", "scale2", "pseudocounts", "delta", "lfc_mean",
-        "lfc_median", "lfc_std", "lfc_min", "lfc_max", "raw_mean1", "raw_mean2", "non_zeros_proportion1",
-        "non_zeros_proportion2", "raw_normalized_mean1", "raw_normalized_mean2", "is_de_fdr_0.05", "comparison",
-        "group1", "group2",
+        "proba_de", "proba_not_de", "proba_up", "proba_down", "bayes_factor", "scale1", "scale2", "pseudocounts",
+        "delta", "lfc_mean", "lfc_median", "lfc_std", "lfc_min", "lfc_max", "raw_mean1", "raw_mean2",
+        "non_zeros_proportion1", "non_zeros_proportion2", "raw_normalized_mean1", "raw_normalized_mean2",
+        "is_de_fdr_0.05", "comparison", "group1", "group2",
     ]  # fmt: skip
     assert list(df.columns) == expected
     assert sorted(df["comparison"].unique()) == [f"label_{i} vs rest" for i in range(3)]
@@ -106,6 +134,46 @@ def test_dataframe_columns_reproducibility_and_no_side_effects(trained_model):
     assert not df["lfc_mean"].equals(other["lfc_mean"])
     assert ((df["proba_de"] >= 0) & (df["proba_de"] <= 1)).all()
     np.testing.assert_allclose(df["proba_de"] + df["proba_not_de"], 1)
+    np.testing.assert_array_equal(df["proba_de"], np.maximum(df["proba_up"], df["proba_down"]))
+    assert (df["proba_up"] + df["proba_down"] <= 1).all()
+
+
+@pytest.mark.parametrize("mode", ["change", "vanilla"])
+def test_rank_by_orders_the_layout_not_the_dataframe(trained_model, mode):
+    """rank_by orders each group's genes in the layout by P(up) or P(down) (its scores; ties by
+    the LFC in that direction) or, 'both', in the two-sided order of the DataFrame, as before;
+    the DataFrame itself keeps that order whatever rank_by."""
+    adata = trained_model.adata.copy()
+    kwargs = dict(groupby="labels", model=trained_model, mode=mode, n_samples=300, progress_bar=False)
+    df = ss.tl.differential_expression(adata, inplace=False, **kwargs)
+    assert df.equals(ss.tl.differential_expression(adata, inplace=False, rank_by="down", **kwargs))
+    up, down, both = (
+        ("proba_up", "proba_down", "proba_de") if mode == "change" else ("proba_m1", "proba_m2", "bayes_factor")
+    )
+    for rank_by, score, sign in (("up", up, 1), ("down", down, -1), ("both", both, 0)):
+        key = f"de_{rank_by}"
+        ss.tl.differential_expression(adata, key_added=key, rank_by=rank_by, **kwargs)
+        res = adata.uns[key]
+        assert res["params"]["rank_by"] == rank_by and res["params"]["scores"] == score
+        for g in res["names"].dtype.names:
+            d = df[df["group1"] == g]
+            names = res["names"][g]
+            assert sorted(names) == sorted(d.index)  # every gene, once
+            ranked = d.loc[names]
+            np.testing.assert_array_equal(res["scores"][g], ranked[score].to_numpy(np.float32))
+            np.testing.assert_array_equal(res["logfoldchanges"][g], ranked["lfc_median"].to_numpy(np.float32))
+            read = sc.get.rank_genes_groups_df(adata, g, key=key)
+            assert list(read["names"]) == list(names)
+            if not sign:
+                assert list(names) == list(d.index)  # the order before rank_by
+                continue
+            s, lfc = ranked[score].to_numpy(), sign * ranked["lfc_median"].to_numpy()
+            assert np.all(np.diff(s) <= 0)
+            ties = s[1:] == s[:-1]
+            assert np.all(lfc[:-1][ties] >= lfc[1:][ties])
+            assert (lfc[s > 0.5] > 0).all()  # P(up) > 1/2 implies a positive median LFC
+    with pytest.raises(ValueError, match="rank_by"):
+        ss.tl.differential_expression(adata, rank_by="proba_de", **kwargs)
 
 
 @pytest.mark.parametrize("group2", [None, "label_0"])
@@ -236,7 +304,7 @@ def test_store_model_false_leaves_no_model(adata):
 @pytest.mark.parametrize("mode", ["change", "vanilla"])
 def test_statistics_equal_the_log_formula(n, mode):
     """The fused gene-major statistics equal the textbook formulas on the log2 fold changes."""
-    from scanpy_scvi.tl._de import _compare, _Comparison, _pseudocount, _WorkBuffers
+    from scanpy_scvi.tl._de_engine import Comparison, _compare, _pseudocount, _WorkBuffers
 
     rng = np.random.default_rng(0)
     G = 50
@@ -244,7 +312,7 @@ def test_statistics_equal_the_log_formula(n, mode):
     s2 = rng.dirichlet(np.full(G, 0.3), size=n + 7).T.astype(np.float32)  # extra draws: pairs truncate
     raw = {k: rng.random(G) for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")}
     raw["raw_mean"][:10] = 0  # silent genes: the pseudocount is estimated from them
-    comp = _Comparison("a", "b", np.arange(2), np.arange(2, 4))
+    comp = Comparison("a", "b", np.arange(2), np.arange(2, 4))
     genes = [f"g{i}" for i in range(G)]
     t1, t2 = torch.from_numpy(s1), torch.from_numpy(s2)
     pc = _pseudocount(t1, t2, raw, raw, None)
@@ -256,8 +324,10 @@ def test_statistics_equal_the_log_formula(n, mode):
     np.testing.assert_allclose(df["pseudocounts"], pc, rtol=1e-6)
     if mode == "change":
         lfc = np.log2(a + pc) - np.log2(b + pc)
-        proba = np.maximum((lfc >= 0.25).mean(1), (lfc < -0.25).mean(1))
-        np.testing.assert_allclose(df["proba_de"], proba, atol=1.5 / n)  # a tie at the threshold may flip
+        up, down = (lfc >= 0.25).mean(1), (lfc < -0.25).mean(1)
+        np.testing.assert_allclose(df["proba_de"], np.maximum(up, down), atol=1.5 / n)  # a tie may flip
+        np.testing.assert_allclose(df["proba_up"], up, atol=1.5 / n)
+        np.testing.assert_allclose(df["proba_down"], down, atol=1.5 / n)
     else:
         np.testing.assert_allclose(df["proba_m1"], (a > b).mean(1), atol=1e-12)
     lfc = np.log2(a + 1e-3 * pc) - np.log2(b + 1e-3 * pc)
@@ -269,13 +339,13 @@ def test_statistics_equal_the_log_formula(n, mode):
 
 def test_given_pseudocount_is_used_as_is():
     """pseudocounts= skips the estimate: the column holds it and the LFC uses 1e-3 times it."""
-    from scanpy_scvi.tl._de import _compare, _Comparison, _pseudocount, _WorkBuffers
+    from scanpy_scvi.tl._de_engine import Comparison, _compare, _pseudocount, _WorkBuffers
 
     rng = np.random.default_rng(2)
     G, n, pc = 30, 300, 1e-4
     s1, s2 = (rng.dirichlet(np.full(G, 0.3), size=n).T.astype(np.float32) for _ in range(2))
     raw = {k: np.zeros(G) for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean")}  # all silent
-    comp = _Comparison("a", "b", np.arange(2), np.arange(2, 4))
+    comp = Comparison("a", "b", np.arange(2), np.arange(2, 4))
     genes = [f"g{i}" for i in range(G)]
     t1, t2 = torch.from_numpy(s1), torch.from_numpy(s2)
     df = _compare(
@@ -309,13 +379,13 @@ class _CellIdSampler:
 def test_pooled_rest_draws_are_uniform_over_the_rest(sizes):
     """One-vs-rest shares one decoded pool: each rest gets n_samples draws, none from its own group,
     spread over the other cells in proportion; a dominant group (top-up path) included."""
-    from scanpy_scvi.tl._de import REST, _Comparison, _Group2Draws
+    from scanpy_scvi.tl._de_engine import REST, Comparison, _Group2Draws
 
     n_obs = sum(sizes)
     groups = np.repeat(np.arange(len(sizes)), sizes)
     cells = np.random.default_rng(1).permutation(n_obs)  # groups interleaved in cell order
     comps = [
-        _Comparison(str(g), REST, np.sort(cells[groups == g]), np.sort(cells[groups != g])) for g in range(len(sizes))
+        Comparison(str(g), REST, np.sort(cells[groups == g]), np.sort(cells[groups != g])) for g in range(len(sizes))
     ]
     sampler = _CellIdSampler(n_obs)
     n = 4000
@@ -336,12 +406,12 @@ def test_pooled_rest_draws_are_uniform_over_the_rest(sizes):
 def test_own_group_draws_from_the_pool_cost_no_decoding():
     """One-vs-rest: each group's own draws start with the pool's draws of that group, so the
     whole loop decodes n_samples per group (pool included); group 1 stays uniform over its cells."""
-    from scanpy_scvi.tl._de import REST, _Comparison, _Draws, _Group2Draws
+    from scanpy_scvi.tl._de_engine import REST, Comparison, _Draws, _Group2Draws
 
     sizes = [300, 200, 100, 50, 350]
     n_obs, n = sum(sizes), 4000
     groups = np.repeat(np.arange(len(sizes)), sizes)
-    comps = [_Comparison(str(g), REST, np.flatnonzero(groups == g), np.flatnonzero(groups != g)) for g in range(5)]
+    comps = [Comparison(str(g), REST, np.flatnonzero(groups == g), np.flatnonzero(groups != g)) for g in range(5)]
     sampler = _CellIdSampler(n_obs)
     rng = np.random.default_rng(0)
     group1, group2 = _Draws(sampler, [None], n, rng), _Group2Draws(sampler, comps, [None], n, rng)
@@ -364,12 +434,12 @@ def test_own_group_draws_from_the_pool_cost_no_decoding():
 def test_pool_columns_read_in_place_give_the_statistics_of_the_copy():
     """The rest's draws are read from the pool's column ranges a gene block at a time; the table
     equals the one computed on the same draws copied into one array, across block boundaries."""
-    from scanpy_scvi.tl._de import (
+    from scanpy_scvi.tl._de_engine import (
         GENE_BLOCK,
         MAX_CHUNK,
+        Comparison,
         _Columns,
         _compare,
-        _Comparison,
         _Pool,
         _pseudocount,
         _WorkBuffers,
@@ -392,7 +462,7 @@ def test_pool_columns_read_in_place_give_the_statistics_of_the_copy():
     assert columns.shape == (G, 310) and dense.shape == (G, 310)
     for k in (1, 100, 150, 310):
         torch.testing.assert_close(columns.amax(k), dense[:, :k].amax(1), rtol=0, atol=0)
-    comp = _Comparison("a", "b", np.arange(2), np.arange(2, 4))
+    comp = Comparison("a", "b", np.arange(2), np.arange(2, 4))
     genes = [f"g{i}" for i in range(G)]
     pc = _pseudocount(s1, columns, raw, raw, None)
     assert pc == _pseudocount(s1, dense, raw, raw, None)
@@ -403,11 +473,11 @@ def test_pool_columns_read_in_place_give_the_statistics_of_the_copy():
 
 
 def test_repeated_reference_group_is_decoded_once():
-    from scanpy_scvi.tl._de import _Comparison, _Group2Draws
+    from scanpy_scvi.tl._de_engine import Comparison, _Group2Draws
 
     sampler = _CellIdSampler(100)
     ref = np.arange(50, 100)
-    comps = [_Comparison(str(g), "ref", np.arange(g * 10, g * 10 + 10), ref) for g in range(5)]
+    comps = [Comparison(str(g), "ref", np.arange(g * 10, g * 10 + 10), ref) for g in range(5)]
     draws = _Group2Draws(sampler, comps, [None], 300, np.random.default_rng(0))
     first = draws.of(comps[0], draws.draws.empty())
     for comp in comps[1:]:
@@ -418,7 +488,7 @@ def test_repeated_reference_group_is_decoded_once():
 @pytest.mark.parametrize("n", [2, 5, 6])
 def test_order_statistics_by_partition_and_by_sort_agree(n):
     """The CPU path (partition) and the GPU path (sort) give numpy's median, min and max."""
-    from scanpy_scvi.tl._de import _order_statistics
+    from scanpy_scvi.tl._de_engine import _order_statistics
 
     x = np.random.default_rng(n).normal(size=(7, n)).astype(np.float32)
     for by_sort in (False, True):

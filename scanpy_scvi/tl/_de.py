@@ -1,48 +1,28 @@
 """Bayesian differential expression with scVI (Lopez et al. 2018; Boyeau et al. 2019).
 
 For two groups of cells, normalised expression (the decoder's frequencies) is sampled from
-the posterior of each group: cells are drawn at random, each draw a fresh z from the cell's
-posterior, decoded once. Every cell is encoded once, the "rest" of a one-vs-rest loop is drawn
-from one shared pool, and the per-gene statistics run gene-major in reused buffers, so the
-cost is about ``n_samples`` decodes per group. On a multi-core CPU one thread decodes the next
-comparison while another tests the current one. Results are written in the layout of
-:func:`scanpy.tl.rank_genes_groups`.
+the posterior of each group and the log fold changes of paired samples are tested. This
+module holds the public functions: argument checks, the comparisons, and the
+:func:`scanpy.tl.rank_genes_groups` layout of the results. Sampling and statistics are the
+engine's (:mod:`scanpy_scvi.tl._de_engine`).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
-import torch
-from tqdm.auto import tqdm
 
 from .._compat import logg
-from ..model._scvi import _np, _seeded
+from ._de_engine import REST, Comparison, run
 from ._model import resolve_model
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from ..data._setup import BoundData
     from ..model import SCVI
-
-EPS = 1e-8
-REST = "rest"
-
-
-@dataclass
-class _Comparison:
-    label1: str
-    label2: str
-    cells1: np.ndarray
-    cells2: np.ndarray
 
 
 def differential_expression(
@@ -64,6 +44,7 @@ def differential_expression(
     model: SCVI | None = None,
     model_key: str = "scvi",
     key_added: str = "scvi_de",
+    rank_by: Literal["up", "down", "both"] = "up",
     inplace: bool = True,
     random_state: int | None = 0,
     progress_bar: bool = True,
@@ -78,12 +59,13 @@ def differential_expression(
     ``mode='vanilla'`` computes the Bayes factor of ``s1 > s2`` against ``s1 <= s2``.
     These are posterior probabilities, not p-values: none are computed.
 
-    With ``inplace=True`` (default), ``adata.uns[key_added]`` holds ``names``, ``scores``
-    (``proba_de``, or ``bayes_factor`` in vanilla mode), ``logfoldchanges`` (``lfc_median``)
-    and every column listed under Returns as record arrays with one field per ``group1``,
-    ranked by score, plus ``params``. ``pvals`` and ``pvals_adj`` are present only so that
-    scanpy's readers work, and are NaN. ``sc.get.rank_genes_groups_df(adata, group,
-    key=key_added)`` and ``sc.pl.rank_genes_groups_dotplot(adata, key=key_added)`` read it.
+    With ``inplace=True`` (default), ``adata.uns[key_added]`` holds ``names``, ``scores``,
+    ``logfoldchanges`` (``lfc_median``) and every column listed under Returns as record
+    arrays with one field per ``group1``, all genes of each group ranked by ``scores`` (see
+    ``rank_by``: by default up-regulated genes first, as scanpy's markers), plus ``params``.
+    ``pvals`` and ``pvals_adj`` are present only so that scanpy's readers work, and are NaN.
+    ``sc.get.rank_genes_groups_df(adata, group, key=key_added)`` and
+    ``sc.pl.rank_genes_groups_dotplot(adata, key=key_added)`` read it.
 
     Parameters
     ----------
@@ -126,6 +108,26 @@ def differential_expression(
         ``uns`` key of the stored model.
     key_added
         ``uns`` key of the results.
+    rank_by
+        Order of the genes in the ``rank_genes_groups`` layout, and its ``scores``:
+
+        ``'up'`` (default)
+            Up-regulated in group 1 first: by the posterior probability of up-regulation,
+            ``proba_up`` = P(LFC >= ``delta``) in change mode, ``proba_m1`` = P(s1 > s2) in
+            vanilla mode.
+        ``'down'``
+            Down-regulated first: by ``proba_down`` = P(LFC < -``delta``) (change) or
+            ``proba_m2`` (vanilla).
+        ``'both'``
+            Either direction (the order before ``rank_by`` existed): by ``proba_de`` (change)
+            or ``bayes_factor`` (vanilla; that of s1 > s2, so the same order as ``'up'``
+            except for ties).
+
+        With ``'up'`` and ``'down'``, genes of equal probability (e.g. many at 1) are ordered
+        by ``lfc_median``, the largest change in that direction first; ``'both'`` keeps the
+        DataFrame's order. Recorded as ``params['rank_by']`` (and the ranking column as
+        ``params['scores']``). The DataFrame returned with ``inplace=False`` is not
+        reordered by it (see Returns).
     inplace
         Write the results into ``adata.uns[key_added]`` (``rank_genes_groups`` layout) and
         return None; ``False`` returns the DataFrame instead and leaves ``adata`` unchanged.
@@ -138,13 +140,17 @@ def differential_expression(
 
     Returns
     -------
-    With ``inplace=False``, a DataFrame with one row per gene and comparison, sorted by
-    ``proba_de`` (change) or ``bayes_factor`` (vanilla) within each comparison, indexed by
-    gene, with columns:
+    With ``inplace=False``, a DataFrame with one row per gene and comparison (all genes),
+    indexed by gene and sorted within each comparison by ``proba_de`` (change) or
+    ``bayes_factor`` (vanilla) whatever ``rank_by`` (sort by ``proba_up`` or ``proba_down``
+    for a directional order), with columns:
 
     ``proba_de``, ``proba_not_de``
-        Posterior probability that ``abs(LFC) >= delta`` (the larger of the up and down
-        probabilities), and one minus it (change mode).
+        Posterior probability that ``abs(LFC) >= delta`` (the larger of ``proba_up`` and
+        ``proba_down``), and one minus it (change mode).
+    ``proba_up``, ``proba_down``
+        Posterior probability that ``LFC >= delta`` (up in group 1) and that
+        ``LFC < -delta`` (down) (change mode).
     ``proba_m1``, ``proba_m2``
         Posterior probability that ``s1 > s2`` and its complement (vanilla mode).
     ``bayes_factor``
@@ -168,11 +174,11 @@ def differential_expression(
         ``'<group1> vs <group2>'`` and the two labels.
 
     """
-    _check_test_args(mode, delta, fdr_target, n_samples)
+    _check_test_args(mode, delta, fdr_target, n_samples, rank_by)
     model = resolve_model(adata, model, model_key)
     comparisons = _comparisons(adata, groupby, group1, group2, idx1, idx2)
     start = logg.info(f"scVI differential expression ({mode} mode), {len(comparisons)} comparison(s)")
-    result = _run(
+    result = run(
         adata, model, comparisons, mode=mode, delta=delta, fdr_target=fdr_target, pseudocounts=pseudocounts,
         codes1=_batch_codes(model, batch_correction, batchid1), codes2=_batch_codes(model, batch_correction, batchid2),
         n_samples=n_samples, random_state=random_state, progress_bar=progress_bar, batch_size=batch_size,
@@ -183,7 +189,7 @@ def differential_expression(
     adata.uns[key_added] = _rank_genes_groups_layout(
         result,
         mode=mode,
-        fdr_target=fdr_target,
+        rank_by=rank_by,
         params={
             "groupby": groupby if groupby is not None else "idx1",
             "reference": group2 if group2 is not None else REST,
@@ -211,6 +217,7 @@ def within_cluster_differential_expression(
     model: SCVI | None = None,
     model_key: str = "scvi",
     key_added: str = "scvi_de_within",
+    rank_by: Literal["up", "down", "both"] = "up",
     inplace: bool = True,
     random_state: int | None = 0,
     progress_bar: bool = True,
@@ -239,8 +246,9 @@ def within_cluster_differential_expression(
         Clusters to test (default: all with enough cells).
     min_cells
         Minimum cells per condition in a cluster; smaller clusters are skipped with a log message.
-    mode, delta, fdr_target, pseudocounts, n_samples, model, model_key, random_state, progress_bar, batch_size
-        As in :func:`differential_expression`.
+    mode, delta, fdr_target, pseudocounts, n_samples, model, model_key, rank_by, random_state, progress_bar, batch_size
+        As in :func:`differential_expression` (``rank_by='up'``: genes up in ``condition1``
+        first).
     key_added
         ``uns`` key of the results (``rank_genes_groups`` layout, one field per cluster, with
         ``params['groupby'] = cluster_key``, so scanpy's DE plots show the clusters).
@@ -252,7 +260,7 @@ def within_cluster_differential_expression(
     As :func:`differential_expression`: ``group1`` is the cluster and ``comparison`` reads
     ``'<cluster>: <condition1> vs <condition2>'``.
     """
-    _check_test_args(mode, delta, fdr_target, n_samples)
+    _check_test_args(mode, delta, fdr_target, n_samples, rank_by)
     model = resolve_model(adata, model, model_key)
     for key in (cluster_key, condition_key):
         if key not in adata.obs.columns:
@@ -272,12 +280,12 @@ def within_cluster_differential_expression(
         if min(len(cells1), len(cells2)) < min_cells:
             logg.info(f"    skipping {name!r}: {len(cells1)} vs {len(cells2)} cells (< min_cells={min_cells})")
             continue
-        comparisons.append(_Comparison(name, condition2, cells1, cells2))
+        comparisons.append(Comparison(name, condition2, cells1, cells2))
     if not comparisons:
         msg = f"No cluster has at least min_cells={min_cells} cells in both {condition1!r} and {condition2!r}."
         raise ValueError(msg)
     start = logg.info(f"scVI within-cluster DE, {condition1} vs {condition2}, {len(comparisons)} clusters")
-    result = _run(
+    result = run(
         adata, model, comparisons, mode=mode, delta=delta, fdr_target=fdr_target, pseudocounts=pseudocounts,
         codes1=[None], codes2=[None], n_samples=n_samples, random_state=random_state, progress_bar=progress_bar,
         batch_size=batch_size,
@@ -289,7 +297,7 @@ def within_cluster_differential_expression(
     adata.uns[key_added] = _rank_genes_groups_layout(
         result,
         mode=mode,
-        fdr_target=fdr_target,
+        rank_by=rank_by,
         params={
             "groupby": cluster_key,
             "reference": condition2,
@@ -318,7 +326,7 @@ def _params(model, mode, delta, fdr_target, n_samples, batch_correction, model_k
     }
 
 
-def _check_test_args(mode, delta, fdr_target, n_samples) -> None:
+def _check_test_args(mode, delta, fdr_target, n_samples, rank_by) -> None:
     if mode not in ("change", "vanilla"):
         msg = f"mode must be 'change' or 'vanilla', got {mode!r}."
         raise ValueError(msg)
@@ -331,71 +339,13 @@ def _check_test_args(mode, delta, fdr_target, n_samples) -> None:
     if not isinstance(n_samples, (int, np.integer)) or n_samples < 2:
         msg = f"n_samples must be an integer >= 2, got {n_samples!r}."
         raise ValueError(msg)
-
-
-def _run(
-    adata, model, comparisons, *, mode, delta, fdr_target, pseudocounts, codes1, codes2, n_samples, random_state,
-    progress_bar, batch_size,
-) -> pd.DataFrame:  # fmt: skip
-    """Sample both groups of every comparison and test; one DataFrame for all comparisons.
-
-    On a multi-core CPU the comparisons run as a two-stage pipeline: a worker thread draws
-    (decodes) comparison k + 1 while this thread tests comparison k, each stage with half of
-    torch's threads (on two cores: one each). Both stages take about as long, and neither
-    waits on the other's OpenMP threads, which otherwise keep spinning for milliseconds after
-    every parallel operation and slow down the statistics' threads.
-    """
-    bound = model._require_data(adata)  # checks genes and batches of adata against the model
-    stats = _RawStats(bound)
-    rng = np.random.default_rng(random_state)
-    with _seeded(random_state, model.device):
-        cells = np.unique(np.concatenate([c for comp in comparisons for c in (comp.cells1, comp.cells2)]))
-        sampler = _PosteriorSampler(model, bound, cells, batch_size)
-        group1 = _Draws(sampler, codes1, n_samples, rng)
-        group2 = _Group2Draws(sampler, comparisons, codes2, n_samples, rng)
-        work = _WorkBuffers()
-        width1, width2 = (d.per_code * len(d.codes) for d in (group1, group2.draws))
-
-        def draw(k: int) -> tuple:
-            comp, slot = comparisons[k], k % 2
-            # one-vs-rest: group 1's draws in the rest pool are reused, so the pool costs no decoding
-            decoded = group2.own_draws(comp) if codes1 == codes2 else None
-            # the maxima behind the pseudocount are taken while decoding, if all draws are paired
-            max1 = None
-            if pseudocounts is None and width1 <= width2:
-                max1 = torch.full((sampler.n_genes,), -torch.inf, device=model.device)
-            s1 = group1.of(comp.cells1, out=work.slot("s1", slot, group1), decoded=decoded, maxima=max1)
-            s2 = group2.of(comp, out=work.slot("s2", slot, group2.draws))
-            raw1, raw2 = stats.pair(comp)
-            return comp, s1, s2, raw1, raw2, _pseudocount(s1, s2, raw1, raw2, pseudocounts, max1)
-
-        def test(comp, s1, s2, raw1, raw2, pc) -> pd.DataFrame:
-            return _compare(s1, s2, raw1, raw2, pc, model.setup.genes, mode, delta, fdr_target, comp, work)
-
-        n_threads = torch.get_num_threads()
-        steps = tqdm(range(len(comparisons)), desc="DE", unit="comparison", disable=not progress_bar)
-        if model.device.type != "cpu" or n_threads < 2 or len(comparisons) < 2:
-            return pd.concat([test(*draw(k)) for k in steps])
-        frames, inputs = [], draw(0)  # nothing to overlap with yet: all threads
-        drawing_threads = n_threads // 2
-        try:
-            with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(drawing_threads,)) as drawer:
-                for k in steps:
-                    last = k + 1 == len(comparisons)
-                    if not last:
-                        pending = drawer.submit(draw, k + 1)  # slot (k + 1) % 2: not the one tested now
-                    # torch's thread count is per thread; the last test runs alone, on all of them
-                    torch.set_num_threads(n_threads if last else n_threads - drawing_threads)
-                    frames.append(test(*inputs))
-                    if not last:
-                        inputs = pending.result()
-        finally:
-            torch.set_num_threads(n_threads)
-        return pd.concat(frames)
+    if rank_by not in ("up", "down", "both"):
+        msg = f"rank_by must be 'up', 'down' or 'both', got {rank_by!r}."
+        raise ValueError(msg)
 
 
 # -- groups ---------------------------------------------------------------------------------------
-def _comparisons(adata, groupby, group1, group2, idx1, idx2) -> list[_Comparison]:
+def _comparisons(adata, groupby, group1, group2, idx1, idx2) -> list[Comparison]:
     n = adata.n_obs
     if idx1 is not None:
         if groupby is not None:
@@ -406,7 +356,7 @@ def _comparisons(adata, groupby, group1, group2, idx1, idx2) -> list[_Comparison
         if np.intersect1d(cells1, cells2).size:
             msg = "idx1 and idx2 overlap; the two groups must be disjoint."
             raise ValueError(msg)
-        return [_Comparison("group1", REST if idx2 is None else "group2", cells1, cells2)]
+        return [Comparison("group1", REST if idx2 is None else "group2", cells1, cells2)]
     if groupby is None:
         msg = "Pass groupby (an obs column) or idx1 to define the groups."
         raise ValueError(msg)
@@ -434,7 +384,7 @@ def _comparisons(adata, groupby, group1, group2, idx1, idx2) -> list[_Comparison
             continue
         cells1 = np.flatnonzero(values == g)
         cells2 = np.flatnonzero(values != g) if group2 is None else np.flatnonzero(values == group2)
-        out.append(_Comparison(g, REST if group2 is None else group2, cells1, cells2))
+        out.append(Comparison(g, REST if group2 is None else group2, cells1, cells2))
     return out
 
 
@@ -466,470 +416,34 @@ def _batch_codes(model: SCVI, batch_correction: bool, batchid) -> list[int | Non
     return [model.setup.batch_code(v) for v in values]
 
 
-# -- sampling -------------------------------------------------------------------------------------------
-# Draws are gene-major, (genes, draws), so that every per-gene statistic reduces over contiguous
-# memory. Output arrays are reused between comparisons: first-touching tens of megabytes of
-# fresh memory costs more than the arithmetic done in them.
-
-
-DRAW_BATCH = 256  # draws decoded at a time: their transposed write stays in cache (1024: ~25% slower)
-
-
-class _PosteriorSampler:
-    """Normalised expression of posterior draws of chosen cells.
-
-    Every cell is encoded once (q(z | x) is deterministic in eval mode); each draw takes a
-    fresh z from its cell's posterior and decodes it, so drawing a cell again costs only the
-    decoder. A draw has the distribution of encoding and decoding the cell anew.
-    """
-
-    def __init__(self, model: SCVI, bound: BoundData, cells: np.ndarray, batch_size: int | None):
-        self.model, self.bound = model, bound
-        self.n_genes = bound.source.n_vars
-        self.batch_size = batch_size or DRAW_BATCH
-        self.row = np.full(bound.n_obs, -1, dtype=np.int64)
-        self.row[cells] = np.arange(len(cells))
-        k = model.module.n_latent
-        self.qz_m = torch.empty((len(cells), k), device=model.device)
-        self.qz_v = torch.empty((len(cells), k), device=model.device)
-        with model._inference():
-            for rows, t in model._minibatches(bound, cells, batch_size, encoder_only=True):
-                inf = model.module.inference(t)
-                self.qz_m[rows], self.qz_v[rows] = inf["qz_m"], inf["qz_v"]
-
-    def empty(self, n_draws: int) -> torch.Tensor:
-        return _empty((self.n_genes, n_draws), self.model.device)
-
-    def draw(
-        self, cells: np.ndarray, code: int | None, out: torch.Tensor, maxima: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """One draw per entry of ``cells`` (repeats allowed), decoded in batch ``code`` (``None``:
-        the cell's own), written into the columns of ``out``; ``maxima`` (genes,), if given,
-        is raised to the per-gene maximum of the draws while they are in cache."""
-        module, obs, device = self.model.module, self.bound.source.obs, self.model.device
-        with self.model._inference():
-            for start in range(0, len(cells), self.batch_size):
-                chunk = cells[start : start + self.batch_size]
-                rows = torch.as_tensor(self.row[chunk], device=device)
-                covariates = {key: torch.as_tensor(v[chunk], device=device) for key, v in obs.items()}
-                z = module.sample_z(self.qz_m[rows], self.qz_v[rows])
-                freq = module.expression(z, None, covariates, transform_batch=code)
-                out[:, start : start + len(chunk)] = freq.T
-                if maxima is not None:
-                    torch.maximum(maxima, freq.amax(0), out=maxima)
-        return out
-
-
-class _Draws:
-    """``n_samples`` draws of a group's cells (uniform, with replacement), split evenly over the
-    batches ``codes`` (``[None]``: each cell's own batch), in batch order."""
-
-    def __init__(self, sampler: _PosteriorSampler, codes: list[int | None], n_samples: int, rng):
-        self.sampler, self.codes, self.rng = sampler, codes, rng
-        self.per_code = max(n_samples // len(codes), 2)
-
-    def empty(self) -> torch.Tensor:
-        return self.sampler.empty(self.per_code * len(self.codes))
-
-    def columns(self, i: int) -> slice:
-        return slice(i * self.per_code, (i + 1) * self.per_code)
-
-    def of(
-        self,
-        cells: np.ndarray,
-        out: torch.Tensor,
-        decoded: list[_Columns] | None = None,
-        maxima: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Draws of ``cells`` written into ``out``; ``decoded``: per batch code, uniform draws of
-        these cells decoded before, used as the first columns (only the rest is decoded);
-        ``maxima`` (genes,), if given, is raised to the per-gene maximum over all the draws."""
-        for i, code in enumerate(self.codes):
-            target = out[:, self.columns(i)]
-            k = 0 if decoded is None else min(decoded[i].shape[1], self.per_code)
-            if k:
-                known = decoded[i].first(k)
-                torch.cat(known.views(), dim=1, out=target[:, :k])
-                if maxima is not None:
-                    torch.maximum(maxima, known.amax(k), out=maxima)
-            if k < self.per_code:
-                self.sampler.draw(self.rng.choice(cells, self.per_code - k), code, target[:, k:], maxima)
-        return out
-
-
-class _Group2Draws:
-    """Draws of the second group of each comparison, shared between comparisons where possible.
-
-    One-vs-rest: the "rest" of every group comes from one pool of draws over all cells, decoded
-    once and ordered by group. The rest of group g is a uniformly random subset of the pool's
-    draws outside g (multivariate hypergeometric counts per group block, the first draws of each
-    block, which are in random order), so each comparison still sees ``n_samples`` independent
-    uniform draws from its rest while the decoder runs about once per group instead of twice.
-    The pool's draws inside g are uniform draws of g too: they serve as the first draws of g's own
-    side (:meth:`own_draws`), so the pool itself costs no extra decoding. A second group repeated
-    across comparisons (``group2='ctrl'``) is decoded once.
-    """
-
-    POOL_MAX_FACTOR = 4  # pool size at most this many times one comparison's draws (memory bound)
-
-    def __init__(self, sampler, comparisons: list[_Comparison], codes, n_samples: int, rng):
-        self.draws = _Draws(sampler, codes, n_samples, rng)
-        self._last: tuple[np.ndarray, _Columns] | None = None
-        rest = [c for c in comparisons if c.label2 == REST]
-        self._block_of = {id(c): i for i, c in enumerate(rest)}
-        self._pools = self._decode_pools(rest) if len(rest) >= 3 else None
-
-    def _decode_pools(self, rest: list[_Comparison]) -> list[tuple[_Pool, np.ndarray]]:
-        """Per batch code: (genes, pool) draws over all cells, grouped by block, and block sizes."""
-        d, n_obs = self.draws, self.draws.sampler.bound.n_obs
-        block = np.full(n_obs, len(rest), dtype=np.int64)  # last block: cells of no tested group
-        for i, comp in enumerate(rest):
-            block[comp.cells1] = i
-        largest = max(len(c.cells1) for c in rest) / n_obs
-        size = min(int(np.ceil(1.1 * d.per_code / max(1 - largest, 1e-12))), self.POOL_MAX_FACTOR * d.per_code)
-        pools = []
-        for code in d.codes:
-            cells = d.rng.integers(0, n_obs, size)
-            cells = cells[np.argsort(block[cells], kind="stable")]
-            freq = d.sampler.draw(cells, code, d.sampler.empty(size))
-            pools.append((_Pool(freq), np.bincount(block[cells], minlength=len(rest) + 1)))
-        return pools
-
-    def of(self, comp: _Comparison, out: torch.Tensor) -> _Columns:
-        """The second group's draws: columns of the pool (``out`` holds any topping-up draws),
-        or decoded (or kept from the previous comparison) in their own buffer."""
-        if self._pools is not None and id(comp) in self._block_of:
-            return self._from_pools(comp, self._block_of[id(comp)], out)
-        if self._last is None or not np.array_equal(self._last[0], comp.cells2):
-            decoded = self.draws.of(comp.cells2, self.draws.empty())  # kept: own buffer
-            self._last = (comp.cells2, _Columns.whole(decoded))
-        return self._last[1]
-
-    def own_draws(self, comp: _Comparison) -> list[_Columns] | None:
-        """Per batch code, the pool's draws from the cells of ``comp``'s first group (uniform over
-        them, independent of the rest draws of ``comp``), or None."""
-        if self._pools is None or id(comp) not in self._block_of:
-            return None
-        g = self._block_of[id(comp)]
-        return [_Columns([(pool, sizes[:g].sum(), sizes[: g + 1].sum())]) for pool, sizes in self._pools]
-
-    def _from_pools(self, comp: _Comparison, g: int, out: torch.Tensor) -> _Columns:
-        d, parts = self.draws, []
-        for i, (code, (pool, sizes)) in enumerate(zip(d.codes, self._pools)):
-            available = sizes.copy()
-            available[g] = 0
-            take = d.rng.multivariate_hypergeometric(available, min(d.per_code, int(available.sum())))
-            parts += [(pool, start, start + n) for start, n in zip(np.cumsum(sizes) - sizes, take)]
-            if take.sum() < d.per_code:  # too few pool draws outside a very large group: decode the rest
-                rest = out[:, d.columns(i)][:, : d.per_code - take.sum()]
-                d.sampler.draw(d.rng.choice(comp.cells2, rest.shape[1]), code, rest)
-                parts.append((_Pool(rest), 0, rest.shape[1]))
-        return _Columns(parts)
-
-
-MAX_CHUNK = 32  # columns per stored maximum of a pool
-
-
-class _Pool:
-    """Decoded (genes, draws) with per-gene maxima over chunks of ``MAX_CHUNK`` columns: the
-    maximum over any column range then reads at most ``2 * MAX_CHUNK`` columns of the draws,
-    not the whole range (the pseudocount needs the maxima of every comparison's draws). The
-    chunk maxima are taken on first use: with a given pseudocount, never."""
-
-    def __init__(self, freq: torch.Tensor):
-        self.freq = freq
-
-    @cached_property
-    def chunk_max(self) -> torch.Tensor:
-        genes, n = self.freq.shape
-        whole = n - n % MAX_CHUNK
-        return self.freq[:, :whole].reshape(genes, whole // MAX_CHUNK, MAX_CHUNK).amax(2)
-
-    def range_max(self, start: int, stop: int) -> torch.Tensor:
-        """Per-gene maximum over the columns ``start:stop`` (not empty)."""
-        first, last = -(-start // MAX_CHUNK), stop // MAX_CHUNK  # chunks wholly inside: first:last
-        if first >= last:
-            return self.freq[:, start:stop].amax(1)
-        pieces = [self.freq[:, a:b] for a, b in ((start, first * MAX_CHUNK), (last * MAX_CHUNK, stop)) if a < b]
-        return torch.cat([self.chunk_max[:, first:last], *pieces], dim=1).amax(1)
-
-
-class _Columns:
-    """(genes, draws) draws held as an ordered list of column ranges ``(pool, start, stop)``.
-
-    The rest of a one-vs-rest comparison is a random subset of the pool's draws: it is read in
-    place, a gene block at a time, instead of being copied out of the pool, and its maxima come
-    from the pool's chunk maxima.
-    """
-
-    def __init__(self, parts: list[tuple[_Pool, int, int]]):
-        self.parts = [(pool, int(a), int(b)) for pool, a, b in parts if b > a] or [parts[0]]
-        self.shape = (parts[0][0].freq.shape[0], sum(b - a for _, a, b in self.parts))
-        self.device = parts[0][0].freq.device
-
-    @classmethod
-    def whole(cls, freq: torch.Tensor) -> _Columns:
-        return cls([(_Pool(freq), 0, freq.shape[1])])
-
-    def views(self) -> list[torch.Tensor]:
-        return [pool.freq[:, a:b] for pool, a, b in self.parts]
-
-    def first(self, n: int) -> _Columns:
-        parts, start = [], 0
-        for pool, a, b in self.parts:
-            parts.append((pool, a, min(b, a + max(n - start, 0))))
-            start += b - a
-        return _Columns(parts)
-
-    def rows(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
-        """All draws of the genes ``rows``: a view when one array holds them, else gathered into
-        ``out`` (shaped (rows, draws))."""
-        views = self.views()
-        if len(views) == 1:
-            return views[0][rows]
-        return torch.cat([v[rows] for v in views], dim=1, out=out)
-
-    def amax(self, n: int) -> torch.Tensor:
-        """Per-gene maximum over the first ``n`` draws."""
-        return torch.stack([pool.range_max(a, b) for pool, a, b in self.first(n).parts if b > a]).amax(0)
-
-
-# -- raw statistics -------------------------------------------------------------------------------------------
-class _RawStats:
-    """Raw count summaries over the model genes for the groups of a comparison; a 'rest' group
-    is derived from the all-cell totals, so one-vs-rest does not re-read the other cells."""
-
-    def __init__(self, bound: BoundData):
-        self.bound = bound
-        self._all: np.ndarray | None = None
-
-    def _sums(self, cells: np.ndarray, chunk: int = 4096) -> np.ndarray:
-        """(3, genes): summed counts, nonzero indicators and counts scaled to 1e4 per cell.
-
-        CSR counts are summed over their stored entries (no dense block is built)."""
-        n_genes = self.bound.source.n_vars
-        sums = np.zeros((3, n_genes))
-        for start in range(0, len(cells), chunk):
-            rows = cells[start : start + chunk]
-            X = self.bound.source.get(rows, sparse=True)["X"]
-            scale = 1e4 / self.bound.library[rows]
-            if X.layout == torch.sparse_csr:
-                values, genes = X.values().numpy().astype(np.float64), X.col_indices().numpy()
-                scale = np.repeat(scale, np.diff(X.crow_indices().numpy()))
-                sums[0] += np.bincount(genes, weights=values, minlength=n_genes)
-                sums[1] += np.bincount(genes, weights=values > 0, minlength=n_genes)
-                sums[2] += np.bincount(genes, weights=values * scale, minlength=n_genes)
-            else:
-                X = X.numpy().astype(np.float64)
-                sums += (X.sum(0), (X > 0).sum(0), (X * scale[:, None]).sum(0))
-        return sums
-
-    def total(self) -> np.ndarray:
-        if self._all is None:
-            self._all = self._sums(np.arange(self.bound.n_obs))
-        return self._all
-
-    def pair(self, comp: _Comparison) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Means for both groups of a comparison."""
-        sums1 = self._sums(comp.cells1)
-        is_rest = comp.label2 == REST and len(comp.cells1) + len(comp.cells2) == self.bound.n_obs
-        sums2 = self.total() - sums1 if is_rest else self._sums(comp.cells2)
-        return _means(sums1, len(comp.cells1)), _means(sums2, len(comp.cells2))
-
-
-def _means(sums: np.ndarray, n: int) -> dict[str, np.ndarray]:
-    return {"raw_mean": sums[0] / n, "non_zeros_proportion": sums[1] / n, "raw_normalized_mean": sums[2] / n}
-
-
-# -- tests --------------------------------------------------------------------------------------------------
-
-
-def _offset_from_maxima(max1: np.ndarray, max2: np.ndarray, raw1, raw2, threshold: float = 0.01) -> float:
-    """scvi-tools' offset: 0.9 quantile of the per-gene maximum sampled frequency over the genes
-    not expressed in a group (mean raw count < ``threshold``), divided by the number of genes."""
-    offsets = [
-        np.quantile(maxima[silent], 0.9) if (silent := raw["raw_mean"] < threshold).any() else 1e-10
-        for maxima, raw in ((max1, raw1), (max2, raw2))
-    ]
-    return float(max(1e-10, max(offsets) / len(max1)))
-
-
-GENE_BLOCK = 128  # genes per pass: a block's (genes, pairs) scratch stays in cache across the steps
-
-
-def _by_gene_blocks(function, n_genes: int, device: torch.device) -> dict[str, np.ndarray]:
-    """``function(rows)`` for blocks of ``GENE_BLOCK`` genes, its arrays concatenated per key.
-
-    On the CPU the blocks are shared among ``torch.get_num_threads()`` worker threads, each
-    running whole blocks single-threaded: numpy's partition (the median) and logarithm have
-    no parallel version, and a block's rows stay in its core's cache between the steps.
-    """
-    blocks = [slice(g, g + GENE_BLOCK) for g in range(0, n_genes, GENE_BLOCK)]
-    n_threads = torch.get_num_threads()
-    if torch.device(device).type != "cpu" or n_threads < 2 or len(blocks) < 2:
-        parts = [function(rows) for rows in blocks]
-    else:
-        with ThreadPoolExecutor(n_threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            parts = list(pool.map(function, blocks))
-        torch.set_num_threads(n_threads)  # for torch builds where the setting is shared by all threads
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-
-
-def _fraction(mask: torch.Tensor) -> np.ndarray:
-    """Row means of a float 0/1 mask (float masks sum far faster than booleans; exact below 2**24)."""
-    return _np(mask.sum(1)).astype(np.float64) / mask.shape[1]
-
-
-def _block_statistics(s1, s2, pc, mode, delta, buf, tmp) -> dict[str, np.ndarray]:
-    n = s1.shape[1]
-    out = {}
-    if mode == "change":
-        # LFC >= delta  <=>  (s1 + pc) / (s2 + pc) >= c = 2**delta  <=>  s1 - c s2 >= (c - 1) pc:
-        # one fused pass per side, no logarithm and no division
-        c = 2.0**delta
-        out["up"] = _fraction(torch.ge(torch.sub(s1, s2, alpha=c, out=tmp), (c - 1) * pc, out=tmp))
-        out["down"] = _fraction(torch.lt(torch.sub(s1, s2, alpha=1 / c, out=tmp), (1 / c - 1) * pc, out=tmp))
-    else:
-        out["greater"] = _fraction(torch.gt(s1, s2, out=buf))
-    # LFC summaries use a 1000x smaller offset, as scvi-tools
-    lfc = _log2_(torch.add(s1, 1e-3 * pc, out=buf).div_(torch.add(s2, 1e-3 * pc, out=tmp)))
-    mean = lfc.sum(1) / n
-    std = torch.linalg.vector_norm(torch.sub(lfc, mean[:, None], out=tmp), dim=1) / n**0.5
-    median, low, high = _order_statistics(lfc, by_sort=lfc.device.type != "cpu")  # reorders lfc in place
-    out.update(lfc_mean=_np(mean), lfc_median=median, lfc_std=_np(std), lfc_min=low, lfc_max=high)
-    return out
-
-
-def _log2_(x: torch.Tensor) -> torch.Tensor:
-    """In-place log2; on the CPU by numpy, whose vectorised float32 log2 is ~3x torch's here."""
-    if x.device.type == "cpu":
-        np.log2(x.numpy(), out=x.numpy())
-        return x
-    return x.log2_()
-
-
-def _order_statistics(x: torch.Tensor, by_sort: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: median (mean of the two middle values when even), min and max; ``x`` is scratch.
-
-    On the CPU numpy's in-place partition finds the middle far faster than a sort; on a GPU a
-    sort is fast and partition is not available.
-    """
-    n = x.shape[1]
-    if by_sort:
-        ordered = x.sort(dim=1).values
-        lower, upper = _np(ordered[:, (n - 1) // 2]), _np(ordered[:, n // 2])
-        median = upper if n % 2 else (lower.astype(np.float64) + upper) / 2  # as the partition path
-        return median, _np(ordered[:, 0]), _np(ordered[:, -1])
-    part = x.numpy()
-    part.partition(n // 2, axis=1)
-    low, middle, high = part[:, : n // 2], part[:, n // 2], part[:, n // 2 :]
-    median = middle if n % 2 else (middle.astype(np.float64) + low.max(1)) / 2
-    return median, (low.min(1) if n > 1 else middle), high.max(1)
-
-
-class _WorkBuffers:
-    """Buffers kept across comparisons (touching freshly allocated memory costs more than the
-    arithmetic done in it): two alternating (genes, draws) buffers per group, for the
-    comparison being drawn and the one being tested, and per thread (gene block, draws)
-    scratch arrays, small enough to stay in that core's cache between the steps of a block."""
-
-    def __init__(self):
-        self._slots: dict[tuple[str, int], torch.Tensor] = {}
-        self._local = threading.local()
-
-    def slot(self, group: str, slot: int, draws: _Draws) -> torch.Tensor:
-        if (group, slot) not in self._slots:
-            self._slots[group, slot] = draws.empty()
-        return self._slots[group, slot]
-
-    def scratch(self, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """This thread's array ``name`` of ``shape`` (at most GENE_BLOCK rows)."""
-        rows, cols = shape
-        buffers = self._local.__dict__
-        if name not in buffers or buffers[name].shape[1] != cols or buffers[name].device != device:
-            buffers[name] = _empty((max(rows, GENE_BLOCK), cols), device)
-        return buffers[name][:rows]
-
-
-def _empty(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """An uninitialised float32 tensor; on the CPU allocated by numpy, which asks the kernel for
-    transparent huge pages for large arrays: first-touching tens of megabytes then takes ~500
-    page faults instead of ~10,000."""
-    if torch.device(device).type == "cpu":
-        return torch.from_numpy(np.empty(shape, dtype=np.float32))
-    return torch.empty(shape, device=device)
-
-
-def _pseudocount(s1, s2, raw1, raw2, given: float | None, max1: torch.Tensor | None = None) -> float:
-    """``given``, or scvi-tools' estimate from the per-gene maxima over the row-aligned pairs
-    (``max1``: those of ``s1``, when known from drawing)."""
-    if given is not None:
-        return float(given)
-    s2 = s2 if isinstance(s2, _Columns) else _Columns.whole(s2)
-    n = min(s1.shape[1], s2.shape[1])
-    max1 = s1[:, :n].amax(1) if max1 is None else max1
-    return _offset_from_maxima(_np(max1), _np(s2.amax(n)), raw1, raw2)
-
-
-def _compare(s1, s2, raw1, raw2, pc, genes, mode, delta, fdr_target, comp, work) -> pd.DataFrame:
-    """The result table of one comparison: ``s1`` a (genes, draws) tensor, ``s2`` one or
-    :class:`_Columns`; draw i of each group forms pair i."""
-    s2 = s2 if isinstance(s2, _Columns) else _Columns.whole(s2)
-    n = min(s1.shape[1], s2.shape[1])  # row-aligned pairs; within a batch when both used the same batches
-
-    def block(rows: slice) -> dict[str, np.ndarray]:
-        a = s1[rows]
-        b = s2.rows(rows, work.scratch("gather", (a.shape[0], s2.shape[1]), a.device))
-        # the means take all draws; the block's rows are then in cache for the paired statistics
-        means = {"scale1": _np(a.mean(1)), "scale2": _np(b.mean(1))}
-        a, b = a[:, :n], b[:, :n]
-        buf, tmp = (work.scratch(name, a.shape, a.device) for name in ("buf", "tmp"))
-        return means | _block_statistics(a, b, pc, mode, delta, buf, tmp)
-
-    stats = _by_gene_blocks(block, s1.shape[0], s1.device)
-    cols: dict[str, np.ndarray | float] = {}
-    if mode == "change":
-        proba = np.maximum(stats.pop("up"), stats.pop("down"))
-        cols.update(proba_de=proba, proba_not_de=1 - proba)
-    else:
-        proba = stats.pop("greater")
-        cols.update(proba_m1=proba, proba_m2=1 - proba)
-    cols["bayes_factor"] = np.log(proba + EPS) - np.log(1 - proba + EPS)
-    cols.update(scale1=stats.pop("scale1"), scale2=stats.pop("scale2"), pseudocounts=pc, delta=float(delta))
-    cols.update(stats)
-    for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean"):
-        cols[f"{k}1"], cols[f"{k}2"] = raw1[k], raw2[k]
-    df = pd.DataFrame(cols, index=pd.Index(genes, name="gene"))
-    df = df.sort_values("proba_de" if mode == "change" else "bayes_factor", ascending=False, kind="stable")
-    if mode == "change":
-        df[f"is_de_fdr_{fdr_target}"] = _fdr_flags(df["proba_de"].to_numpy(), fdr_target)
-    df["comparison"] = f"{comp.label1} vs {comp.label2}"
-    df["group1"], df["group2"] = comp.label1, comp.label2
-    return df
-
-
-def _fdr_flags(proba_sorted_desc: np.ndarray, target: float) -> np.ndarray:
-    """Top genes whose posterior expected FDR, mean(1 - proba_de) over the top d, stays <= target."""
-    fdr = np.cumsum(1 - proba_sorted_desc) / np.arange(1, len(proba_sorted_desc) + 1)
-    ok = np.flatnonzero(fdr <= target)
-    flags = np.zeros(len(proba_sorted_desc), dtype=bool)
-    if ok.size:
-        flags[: ok[-1] + 1] = True
-    return flags
-
-
-def _rank_genes_groups_layout(result: pd.DataFrame, *, mode: str, fdr_target: float, params: dict) -> dict:
+# -- the rank_genes_groups layout --------------------------------------------------------------------
+RANK_SCORES = {  # mode -> rank_by -> the column a group's genes are ranked by: the layout's scores
+    "change": {"up": "proba_up", "down": "proba_down", "both": "proba_de"},
+    "vanilla": {"up": "proba_m1", "down": "proba_m2", "both": "bayes_factor"},
+}
+
+
+def _ranked(genes: pd.DataFrame, score: str, rank_by: str) -> pd.DataFrame:
+    """One comparison's rows by ``score``, highest first; ties by the LFC in that direction
+    (``'both'``: the table's own order, sorted by ``score`` already)."""
+    if rank_by == "both":
+        return genes
+    lfc = genes["lfc_median"].to_numpy()
+    return genes.iloc[np.lexsort((lfc if rank_by == "down" else -lfc, -genes[score].to_numpy()))]
+
+
+def _rank_genes_groups_layout(result: pd.DataFrame, *, mode: str, rank_by: str, params: dict) -> dict:
     """The ``rank_genes_groups`` structure: one record-array field per group1, ranked by score."""
-    score = "proba_de" if mode == "change" else "bayes_factor"
+    score = RANK_SCORES[mode][rank_by]
     groups = list(dict.fromkeys(result["group1"]))
-    per_group = {g: result[result["group1"] == g] for g in groups}
+    per_group = {g: _ranked(result[result["group1"] == g], score, rank_by) for g in groups}
     n = len(next(iter(per_group.values())))
 
     def records(values_of) -> np.recarray:
         return np.rec.fromarrays([values_of(per_group[g]) for g in groups], names=groups)
 
     out = {
-        "params": params,
+        "params": {**params, "rank_by": rank_by, "scores": score},
         "names": records(lambda d: d.index.to_numpy().astype(object)),
         "scores": records(lambda d: d[score].to_numpy(np.float32)),
         "logfoldchanges": records(lambda d: d["lfc_median"].to_numpy(np.float32)),
