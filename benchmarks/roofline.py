@@ -81,7 +81,7 @@ def main() -> None:
     ]
     rng = np.random.default_rng(0)
     batches = [
-        model._bound.source.get(rng.choice(adata.n_obs, args.batch_size, replace=False), nonzero=True)
+        model.bind().source.get(rng.choice(adata.n_obs, args.batch_size, replace=False), nonzero=True)
         for _ in range(args.steps)
     ]
     module.train()

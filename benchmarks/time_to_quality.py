@@ -68,14 +68,14 @@ def ours(args, adata, genes, train_idx, held_idx, batch_size: int, lr: float, wa
     import torch
 
     import scanpy_scvi
-    from scanpy_scvi.train._loop import TrainConfig, evaluate, train_vae
+    from scanpy_scvi.train import TrainConfig, evaluate, train
 
     torch.set_num_threads(args.threads)
     model = scanpy_scvi.SCVI(adata, genes=genes, batch_key=BATCH_KEY, random_state=args.seed, **ARCH)
-    source = model._bound.source
+    source = model.bind().source
     config = TrainConfig(max_epochs=args.max_epochs, lr=lr, batch_size=batch_size, n_epochs_kl_warmup=warmup)
     t0 = time.perf_counter()
-    history, _ = train_vae(model.module, source, train_idx, held_idx, config, device=torch.device("cpu"),
+    history, _ = train(model.module, source, train_idx, held_idx, config, device=torch.device("cpu"),
                            seed=args.seed, progress_bar=False)  # fmt: skip
     total = time.perf_counter() - t0
     # validation passes are part of `total`; time one to subtract them

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -33,5 +34,14 @@ _PACKAGE_DIR = str(Path(__file__).parent)
 
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
-    """Warn, pointing at the first frame outside this package (the user's call)."""
-    warnings.warn(message, category, skip_file_prefixes=(_PACKAGE_DIR,))
+    """Warn, pointing at the first frame outside this package (the user's call).
+
+    Python >= 3.12 has ``skip_file_prefixes`` for this; before, the stack level is counted.
+    """
+    if sys.version_info >= (3, 12):
+        warnings.warn(message, category, skip_file_prefixes=(_PACKAGE_DIR,))
+        return
+    level, frame = 2, sys._getframe(1)  # 2: the caller of warn()
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)

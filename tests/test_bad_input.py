@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from conftest import assert_unchanged, make_adata, snapshot
 
 import scanpy_scvi as ss
-import scanpy_scvi.model._scvi as scvi_mod
+import scanpy_scvi.model._base as base_mod
 from scanpy_scvi import SCVI
 
 FAST = dict(n_hidden=8, n_latent=2, max_epochs=1, progress_bar=False, use_highly_variable_genes=False)
@@ -24,7 +24,7 @@ def no_training(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("training started on bad input")
 
-    monkeypatch.setattr(scvi_mod, "train_vae", forbidden)
+    monkeypatch.setattr(base_mod, "train", forbidden)
 
 
 def _small(fmt: str, n_obs: int = 60, n_vars: int = 20):
@@ -160,7 +160,7 @@ def test_too_few_cells(no_training):
 def test_bad_options(no_training):
     adata = _small("csr")
     _expect(adata, TypeError, "model_kwargs", model_kwargs={"n_hiden": 3})
-    _expect(adata, TypeError, "n_hidden", model_kwargs={"n_hidden": 3})  # hint: pass it directly
+    _expect(adata, ValueError, "given twice", model_kwargs={"n_hidden": 3})  # also passed as n_hidden=8
     _expect(adata, TypeError, "trainer_kwargs", trainer_kwargs={"learning_rate": 1e-3})
     _expect(adata, ValueError, "dispersion", dispersion="gene_batch")
     _expect(adata, ValueError, "gene_likelihood", gene_likelihood="negative-binomial")

@@ -64,7 +64,7 @@ def test_frozen_tensors_are_bit_identical_and_new_columns_learn(mapped):
             # reference columns unchanged; the query batch's column (the last one here) trained
             assert torch.equal(new_t[:, : ref_t.shape[1]], ref_t), f"{k}: reference columns moved"
     assert "z_encoder.trunk.layers.0.0.weight" in grown and "decoder.layers.0.0.weight" in grown
-    mask = qm._grad_masks["z_encoder.trunk.layers.0.0.weight"]
+    mask = qm.trainable_masks["z_encoder.trunk.layers.0.0.weight"]
     assert mask.sum() == mask.shape[0]  # exactly one new one-hot column
     fresh_init = qm.module.z_encoder.trunk.layers[0][0].weight[:, -1]
     assert torch.all(mask[:, -1]) and not torch.allclose(fresh_init, torch.zeros_like(fresh_init))
@@ -103,7 +103,7 @@ def test_several_query_batches_at_once():
     model.train(max_epochs=5, progress_bar=False)
     qm = ss.tl.map_query(query, model, max_epochs=3, progress_bar=False)
     assert qm.setup.batch_categories[-2:] == ["batch_3", "batch_4"]
-    assert qm._grad_masks["decoder.layers.0.0.weight"].sum() == 2 * 32  # two new columns x 32 hidden units
+    assert qm.trainable_masks["decoder.layers.0.0.weight"].sum() == 2 * 32  # two new columns x 32 hidden units
 
 
 def test_new_batch_with_categorical_covariate_keeps_block_offsets():

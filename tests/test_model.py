@@ -318,7 +318,7 @@ def test_logistic_normal_latent(variant_adata):
 
 def test_learned_library(variant_adata):
     m = _variant(variant_adata, batch_key="batch", use_observed_lib_size=False)
-    assert m.module_kwargs["use_observed_lib_size"] is False
+    assert m.architecture.use_observed_lib_size is False
     # prior: per-batch mean and variance of log totals
     log_lib = np.log(_totals(variant_adata))
     codes = variant_adata.obs["batch"].cat.codes.to_numpy()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -285,7 +287,7 @@ def test_options_are_passed_through(adata):
         model_kwargs={"use_layer_norm": "both", "use_batch_norm": "none"},
         trainer_kwargs={"n_epochs_kl_warmup": 2, "weight_decay": 0.0},
     )
-    k = model.module_kwargs
+    k = model.architecture.to_dict()
     assert k["dispersion"] == "gene-label" and k["gene_likelihood"] == "poisson" and k["n_layers"] == 2
     assert k["use_layer_norm"] == "both" and k["use_batch_norm"] == "none" and k["dropout_rate"] == 0.2
     assert model.setup.layer == "counts" and model.setup.labels_key == "lab"
@@ -326,3 +328,23 @@ def test_expression_that_cannot_fit_fails_before_training(monkeypatch):
     assert "X_scvi" not in adata.obsm
     ss.pp.scvi(adata, use_highly_variable_genes=False, n_epochs=1, expression=False, progress_bar=False)
     assert "X_scvi" in adata.obsm and "X_scvi_denoised" not in adata.obsm
+
+
+def test_memory_rule_is_stated_and_reads_available_memory(monkeypatch):
+    """The message names the 80 % rule (no 'need 16.0 GB but only 16.5 GB' contradiction), and the
+    available memory is Linux's MemAvailable (page cache counts), not the free pages."""
+    from scanpy_scvi.datasets import synthetic_counts
+    from scanpy_scvi.pp import _scvi as pp_module
+
+    adata = synthetic_counts(n_obs=100, n_vars=30, random_state=0)
+    needed = 2 * 100 * 30 * 4
+    monkeypatch.setattr(pp_module, "_available_memory", lambda: int(needed / 0.9))  # fits, but not under 80 %
+    with pytest.raises(ValueError, match=r"at most 80% of the memory available now") as err:
+        ss.pp.scvi(adata, use_highly_variable_genes=False, n_epochs=1, progress_bar=False)
+    assert "0.0 of 0.0 GB" in str(err.value)  # the allowance and the total, both said
+    monkeypatch.undo()
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        line = next(x for x in meminfo.read_text().splitlines() if x.startswith("MemAvailable:"))
+        expected = int(line.split()[1]) * 1024
+        assert abs(pp_module._available_memory() - expected) < 0.05 * expected  # the same reading, moments apart

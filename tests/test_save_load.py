@@ -32,7 +32,7 @@ def test_model_dir_is_json_and_safetensors_only(saved):
     config = json.loads((saved / "config.json").read_text())
     assert config["format"] == "scanpy-scvi-model" and config["model_class"] == "SCVI"
     assert config["setup"]["batch_categories"] == ["batch_0", "batch_1"]
-    assert config["module_kwargs"]["dispersion"] == "gene-batch"
+    assert config["architecture"]["dispersion"] == "gene-batch"
     assert len(config["history"]["elbo_train"]) == 15
     # the weights file is plain safetensors: no pickle opcodes, loadable without our code
     raw = (saved / "model.safetensors").read_bytes()
@@ -47,7 +47,7 @@ def test_round_trip_is_exact(trained_model, saved, base_adata):
     assert loaded.is_trained and loaded.device.type == "cpu" and not loaded.module.training
     assert loaded.history_ == trained_model.history_
     assert loaded.train_config["max_epochs"] == trained_model.train_config["max_epochs"]
-    assert loaded.setup == trained_model.setup and loaded.module_kwargs == trained_model.module_kwargs
+    assert loaded.setup == trained_model.setup and loaded.architecture == trained_model.architecture
     assert np.array_equal(loaded.get_latent_representation(), trained_model.get_latent_representation())
     torch.manual_seed(11)
     a = trained_model.get_normalized_expression(transform_batch="batch_1", return_numpy=True)
@@ -209,7 +209,7 @@ def test_corrupt_config_raises_value_error(saved, tmp_path, garbage):
 def test_inconsistent_config_raises_value_error(saved, tmp_path):
     d = _copy_dir(saved, tmp_path / "m")
     config = json.loads((d / "config.json").read_text())
-    config["module_kwargs"]["n_latent"] = 7  # weights no longer fit
+    config["architecture"]["n_latent"] = 7  # weights no longer fit
     (d / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="corrupt"):
         SCVI.load(d)
@@ -247,4 +247,18 @@ def test_weights_of_another_model_raise(saved, base_adata, tmp_path):
     state = {k: v.contiguous() for k, v in small.module.state_dict().items()}
     safetensors.torch.save_file(state, d / "model.safetensors")
     with pytest.raises(ValueError, match="do not match"):
+        SCVI.load(d)
+
+
+def test_files_of_version_0_1_with_module_kwargs_still_load(saved, tmp_path, trained_model):
+    """Models saved before the architecture was declared once stored it as ``module_kwargs``."""
+    d = _copy_dir(saved, tmp_path / "m")
+    config = json.loads((d / "config.json").read_text())
+    config["module_kwargs"] = config.pop("architecture")
+    (d / "config.json").write_text(json.dumps(config))
+    loaded = SCVI.load(d, device="cpu")
+    assert loaded.architecture == trained_model.architecture
+    config["module_kwargs"]["a_future_setting"] = 1
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="a_future_setting"):
         SCVI.load(d)

@@ -12,6 +12,7 @@ from conftest import SMALL_MODEL, assert_unchanged, make_adata, snapshot
 
 import scanpy_scvi as ss
 from scanpy_scvi import SCANVI, SCVI
+from scanpy_scvi.model._scanvi import SemiSupervisedObjective
 from scanpy_scvi.nn._scanvae import SCANVAE
 
 UNL = "Unknown"
@@ -75,7 +76,7 @@ def test_classification_loss_is_cross_entropy_of_known_labels_only():
     x = torch.poisson(torch.full((6, 20), 3.0)) + 1
     labels = torch.tensor([0, 1, 2, 3, 3, 1])  # code 3 = unlabelled
     t = {"X": x, "batch": torch.zeros(6, dtype=torch.long), "labels": labels}
-    out = module.loss(t, labelled=t, classification_ratio=10.0)
+    out = module.classification(t)
     known = labels < 3
     expected = F.cross_entropy(module.classify({k: v[known] for k, v in t.items()}), labels[known])
     assert out["n_labelled"] == 4
@@ -83,8 +84,9 @@ def test_classification_loss_is_cross_entropy_of_known_labels_only():
     torch.manual_seed(1)
     base = module.loss(t)
     torch.manual_seed(1)
-    with_ce = module.loss(t, labelled=t, classification_ratio=10.0)
-    torch.testing.assert_close(with_ce["loss"], base["loss"] + 10.0 * expected)
+    with_ce = SemiSupervisedObjective(np.arange(0), classification_ratio=10.0).evaluate(module, t, kl_weight=1.0)
+    torch.testing.assert_close(with_ce.loss, base["loss"] + 10.0 * expected)
+    assert with_ce.extra["classification_loss"] == pytest.approx((expected.item() * 4, 4))
 
 
 def test_label_kl_vanishes_for_a_uniform_classifier():

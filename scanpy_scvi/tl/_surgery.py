@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from .._compat import logg
+from .._compat import logg, warn
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -153,19 +152,15 @@ def map_query(
     )
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        warnings.warn(
+        warn(
             f"{len(missing)} of the reference's {len(ref_model.setup.genes)} genes are missing from the query "
-            f"({shown}); they are read as zero counts.",
-            UserWarning,
-            stacklevel=2,
+            f"({shown}); they are read as zero counts."
         )
     if not ref_model.architecture.encode_covariates:
-        warnings.warn(
+        warn(
             "The reference was trained with encode_covariates=False: its encoder ignores batches, so the "
             "query's latent space is the reference encoder's output and query training cannot move it. "
-            "For reference mapping train the reference with `**scanpy_scvi.pp.REFERENCE_MAPPING` settings.",
-            UserWarning,
-            stacklevel=2,
+            "For reference mapping train the reference with `**scanpy_scvi.pp.REFERENCE_MAPPING` settings."
         )
     kind = type(ref_model).__name__
     if max_epochs is None:
