@@ -187,6 +187,7 @@ class _Counting(Objective):
     def begin(self, context):
         self.calls["begin"] += 1
         self.n_train = len(context.train_idx)
+        self.lr = context.optimizer.param_groups[0]["lr"]
 
     def epoch_start(self, module, epoch):
         self.calls["epoch_start"] += 1
@@ -215,7 +216,7 @@ def test_objective_hooks_run_where_the_loop_says():
     history, _ = train(module, _Source(X), np.arange(48), np.arange(48, 64), config, objective,
                        device=torch.device("cpu"), seed=0, progress_bar=False)  # fmt: skip
     assert objective.calls == {"begin": 1, "epoch_start": 3, "after_step": 9}
-    assert objective.n_train == 48
+    assert objective.n_train == 48 and objective.lr == config.lr
     assert torch.all(module.scale_head.weight[:, 0] == 0)
     assert history["cells_train"] == [16.0] * 3  # an extra metric: sum over batches / count
     assert set(history) >= {"elbo_train", "elbo_validation", "kl_weight", "train_loss"}

@@ -104,7 +104,7 @@ def train(
     optimizer = _adam([g for g in groups if g["params"]], lr=config.lr, eps=config.eps)
     scheduler = _plateau_scheduler(optimizer, config) if config.reduce_lr_on_plateau else None
     shuffle_rng = np.random.default_rng(seed)
-    objective.begin(TrainContext(source, train_idx, device, shuffle_rng, config))
+    objective.begin(TrainContext(source, train_idx, device, shuffle_rng, config, optimizer))
     history: dict[str, list[float]] = {}
     monitor = "elbo_validation" if len(val_idx) else "elbo_train"
     best, best_state, best_epoch, since_best = math.inf, None, -1, 0

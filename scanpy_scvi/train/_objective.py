@@ -44,13 +44,15 @@ class Terms:
 @dataclass
 class TrainContext:
     """What hooks may need: the data, the training cells, the device, the loop's random generator
-    (shared, so that a seed reproduces everything) and the settings."""
+    (shared, so that a seed reproduces everything), the settings and the optimiser (its current
+    learning rate, e.g. for a proximal step)."""
 
     source: MinibatchSource
     train_idx: np.ndarray
     device: torch.device
     rng: np.random.Generator
     config: TrainConfig
+    optimizer: torch.optim.Optimizer
 
 
 class Objective:
