@@ -54,10 +54,8 @@ def _fit(args: argparse.Namespace) -> int:
         n_latent=args.n_latent,
         linear_decoder=args.linear_decoder,
         use_highly_variable_genes=not args.all_genes,
-        device=args.device,
-        random_state=args.seed,
         expression=not args.latent_only,
-        progress_bar=not args.quiet,
+        **_run_options(args),
         **(REFERENCE_MAPPING if args.reference_mapping else {}),
     )
     _write(adata, model, args, "the model")
@@ -82,12 +80,15 @@ def _map(args: argparse.Namespace) -> int:
         batch_key=args.batch_key,
         labels_key=args.labels_key,
         max_epochs=args.epochs,
-        device=args.device,
-        random_state=args.seed,
-        progress_bar=not args.quiet,
+        **_run_options(args),
     )
     _write(query, model, args, "the query model")
     return 0
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    """The options every training command shares."""
+    return {"device": args.device, "random_state": args.seed, "progress_bar": not args.quiet}
 
 
 def _write(adata, model, args: argparse.Namespace, what: str) -> None:
@@ -132,6 +133,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """The options of every training command (read back by ``_run_options`` and ``_write``)."""
+    parser.add_argument("--model-dir", help=f"also save {what} to this directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --model-dir")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scanpy-scvi", description="Fit scVI / LDVAE on AnnData files.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,11 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train with the scArches recipe (pp.REFERENCE_MAPPING), as a reference for `map`",
     )
-    fit.add_argument("--model-dir", help="also save the trained model to this directory")
-    fit.add_argument("--overwrite", action="store_true", help="replace an existing --model-dir")
-    fit.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    fit.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_arguments(fit, "the trained model")
     fit.set_defaults(func=_fit)
 
     mapq = sub.add_parser("map", help="map a query h5ad onto a reference model (scArches surgery)")
@@ -174,11 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels-key", help="labels to transfer: a reference .h5ad's obs column (kNN vote), or a scANVI model's"
     )
     mapq.add_argument("--epochs", type=int, default=None, help="query training epochs (default: map_query's)")
-    mapq.add_argument("--model-dir", help="also save the query model to this directory")
-    mapq.add_argument("--overwrite", action="store_true", help="replace an existing --model-dir")
-    mapq.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    mapq.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    mapq.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_arguments(mapq, "the query model")
     mapq.set_defaults(func=_map)
 
     demo = sub.add_parser("demo", help="run scVI on the bundled CellBench dataset and plot a UMAP")
