@@ -328,7 +328,9 @@ def print_baseline(baseline, per_type, args) -> None:
         print(f"{name:<14}{r['n_cells']:>6}" + "".join(f"{c:>16}" for c in cells))
     means = [np.nanmean([c[n]["spearman_lfc_all"] for n in per_type]) for c in cols]
     overlaps = [np.nanmean([c[n][f"top{ko}_overlap"] for n in per_type]) for c in cols]
-    print(f"{'mean':<14}{'':>6}" + "".join(f"{f'{m:.3f} / {o:.1f}':>16}" for m, o in zip(means, overlaps)))
+    print(
+        f"{'mean':<14}{'':>6}" + "".join(f"{f'{m:.3f} / {o:.1f}':>16}" for m, o in zip(means, overlaps, strict=False))
+    )
 
 
 def print_report(info, setup, train, de_time, per_type, summary, within, args) -> None:

@@ -179,7 +179,7 @@ def prepare_data(args):
     path, adata, genes = read_with_hvgs(args.dataset, (BATCH_KEY, LABEL_KEY), args.n_top_genes, BATCH_KEY)
     rng = np.random.default_rng(args.seed)
     perm = rng.permutation(adata.n_obs)
-    n_held = max(1, int(round(args.heldout * adata.n_obs)))
+    n_held = max(1, round(args.heldout * adata.n_obs))
     held_idx, train_idx = np.sort(perm[:n_held]), np.sort(perm[n_held:])
     return path, adata, genes, train_idx, held_idx
 

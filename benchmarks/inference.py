@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     scvi.settings.num_threads = args.threads
     scvi.settings.seed = args.seed
-    path, info, genes = select_genes(args)
+    path, _info, genes = select_genes(args)
     source, batches = read_source(path, genes)
     X, src, _ = resample_csr(source, args.n_cells, seed=args.seed, keep_low=0.5, keep_high=1.0, chunk=50_000)
     obs = {BATCH_KEY: batches.to_numpy()[src]}
@@ -100,9 +100,9 @@ def main(argv=None) -> int:
     sub = np.arange(min(args.n_cells_25, args.n_cells))
     for name, call in CALLS.items():
         repeats = 1 if name == "expression_25" else args.repeats
-        run = (lambda m: call(m, sub)) if name == "expression_25" else call
-        t_theirs = timed(lambda: run(theirs), repeats)
-        t_ours = timed(lambda: run(ours), repeats)
+        run = (lambda m, call=call: call(m, sub)) if name == "expression_25" else call
+        t_theirs = timed(lambda run=run: run(theirs), repeats)
+        t_ours = timed(lambda run=run: run(ours), repeats)
         results["calls"][name] = {"scvi_tools_seconds": t_theirs, "ours_seconds": t_ours, "speedup": t_theirs / t_ours}
         print(f"{name:16s} {t_theirs:12.2f} {t_ours:8.2f} {t_theirs / t_ours:8.2f}")
     t_all = timed(lambda: CALLS["expression_25"](ours, None), 1)

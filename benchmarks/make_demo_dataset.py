@@ -105,7 +105,8 @@ def select_genes(X: sp.csr_matrix) -> np.ndarray:
     order = np.lexsort((cols, -var, ~eligible))
     keep = np.sort(order[:N_GENES])
     if not eligible[keep].all():
-        raise RuntimeError("fewer eligible genes than N_GENES")
+        msg = "fewer eligible genes than N_GENES"
+        raise RuntimeError(msg)
     return keep
 
 
@@ -113,13 +114,15 @@ def build() -> ad.AnnData:
     src = ad.read_h5ad(SOURCE)
     X = sp.csr_matrix(src.X)
     if not np.array_equal(X.data, np.round(X.data)):
-        raise ValueError("source counts are not integers")
+        msg = "source counts are not integers"
+        raise ValueError(msg)
 
     endogenous = np.flatnonzero(~src.var_names.str.startswith("ERCC-"))
     X = X[:, endogenous].tocsr()
     var_names = src.var_names[endogenous]
     if not var_names.str.startswith("ENSG").all():
-        raise ValueError("unexpected non-Ensembl gene ids")
+        msg = "unexpected non-Ensembl gene ids"
+        raise ValueError(msg)
 
     keep = select_genes(X)
     Xs = X[:, keep].tocsr()

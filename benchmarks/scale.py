@@ -59,6 +59,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import itertools
+
 from compare_scvi_tools import fmt, load_average, machine_info
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -277,7 +279,8 @@ def child_main(config_path: Path) -> int:
     X, obs, gen_details = st.run("generate", generate)
 
     def build():
-        adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(cfg["genes"])))
+        # X and obs: the closure reads them before the `del` below frees them
+        adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(cfg["genes"])))  # noqa: F821
         return adata
 
     adata = st.run("anndata", build)
@@ -479,7 +482,7 @@ def growth(results: list[dict]) -> list[dict]:
     """Ratios between consecutive sizes (how time and memory grow)."""
     ok = [r for r in results if not r.get("failed")]
     out = []
-    for a, b in zip(ok, ok[1:]):
+    for a, b in itertools.pairwise(ok):
         out.append(
             {
                 "from": a["n_cells"],
@@ -556,7 +559,7 @@ def main(argv=None) -> int:
     load_start = load_average()
     t_all = time.perf_counter()
     print(f"load average at start: {load_start}", flush=True)
-    path, data_info, genes = select_genes(args)
+    _path, data_info, genes = select_genes(args)
     print(f"data: {data_info['n_real_cells']} real cells, {len(genes)} HVGs; sizes {args.sizes}", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="scvi_scale_") as tmp:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
+from typing_extensions import Self
 
 F = TypeVar("F", bound=Callable[..., Any])
 S = TypeVar("S", bound="Settings")
@@ -69,7 +70,7 @@ class Settings:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls: type[S], values: dict[str, Any], *, source: str = "settings") -> S:
+    def from_dict(cls, values: dict[str, Any], *, source: str = "settings") -> Self:
         """Rebuild from :meth:`to_dict` output; unknown keys are an error (a newer file)."""
         unknown = sorted(set(values) - set(cls.names()))
         if unknown:
@@ -77,7 +78,7 @@ class Settings:
             raise ValueError(msg)
         return cls(**values)
 
-    def replace(self: S, **changes) -> S:
+    def replace(self, **changes) -> Self:
         return dataclasses.replace(self, **changes)
 
 
@@ -133,7 +134,15 @@ def settings_doc(group: type[Settings], indent: str = "") -> str:
     lines = []
     for f in dataclasses.fields(group):
         lines.append(f"{indent}{f.name}")
-        lines.extend(textwrap.wrap(f.metadata["doc"], 92, initial_indent=indent + "    ", subsequent_indent=indent + "    ", break_on_hyphens=False))
+        lines.extend(
+            textwrap.wrap(
+                f.metadata["doc"],
+                92,
+                initial_indent=indent + "    ",
+                subsequent_indent=indent + "    ",
+                break_on_hyphens=False,
+            )
+        )
     return "\n".join(lines)
 
 

@@ -101,9 +101,9 @@ def _write(adata, model, args: argparse.Namespace, what: str) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import matplotlib
+    import matplotlib as mpl
 
-    matplotlib.use("Agg")
+    mpl.use("Agg")
     import matplotlib.pyplot as plt
     import scanpy as sc
 

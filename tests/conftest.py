@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import matplotlib
+import matplotlib as mpl
 
-matplotlib.use("Agg")
+mpl.use("Agg")
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,7 @@ from scanpy_scvi import SCVI
 from scanpy_scvi.datasets import synthetic_counts
 
 N_OBS, N_VARS, N_LATENT, N_HIDDEN = 300, 80, 5, 32
-SMALL_MODEL = dict(n_hidden=N_HIDDEN, n_latent=N_LATENT)
+SMALL_MODEL = {"n_hidden": N_HIDDEN, "n_latent": N_LATENT}
 
 
 def make_adata(n_obs: int = N_OBS, n_vars: int = N_VARS, n_batches: int = 2, random_state: int = 0):

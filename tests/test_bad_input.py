@@ -14,7 +14,7 @@ import scanpy_scvi as ss
 import scanpy_scvi.model._base as base_mod
 from scanpy_scvi import SCVI
 
-FAST = dict(n_hidden=8, n_latent=2, max_epochs=1, progress_bar=False, use_highly_variable_genes=False)
+FAST = {"n_hidden": 8, "n_latent": 2, "max_epochs": 1, "progress_bar": False, "use_highly_variable_genes": False}
 
 
 @pytest.fixture
@@ -22,7 +22,8 @@ def no_training(monkeypatch):
     """Fail loudly if training starts: every error below must come before it."""
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("training started on bad input")
+        msg = "training started on bad input"
+        raise AssertionError(msg)
 
     monkeypatch.setattr(base_mod, "train", forbidden)
 
@@ -189,7 +190,7 @@ def test_bad_size_factors_and_covariates(no_training):
 def test_duplicate_var_names(no_training):
     adata = _small("csr")
     adata.var_names = ["g"] * 2 + list(adata.var_names[2:])
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="not unique"):
         adata = ad.AnnData(adata.X, obs=adata.obs, var=adata.var)
     _expect(adata, ValueError, "var_names_make_unique")
 
@@ -218,7 +219,8 @@ def test_sparse_counts_are_never_densified(monkeypatch):
     adata = make_adata(n_obs=200, n_vars=50, random_state=5)
 
     def forbidden(self, *args, **kwargs):
-        raise AssertionError("densified a sparse matrix during the input check")
+        msg = "densified a sparse matrix during the input check"
+        raise AssertionError(msg)
 
     for cls in (sp.csr_matrix, sp.csr_array, sp.csc_matrix, sp.csc_array):
         monkeypatch.setattr(cls, "toarray", forbidden)

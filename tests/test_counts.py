@@ -166,6 +166,6 @@ def test_errors_leave_adata_unchanged(fitted, hvg_fitted):
     base, genes = hvg_fitted
     short = base[:, [g for g in base.var_names if g != genes[0]]].copy()
     snap = snapshot(short)
-    with pytest.raises(ValueError, match="missing from adata.var_names"):
+    with pytest.raises(ValueError, match=r"missing from adata\.var_names"):
         ss.tl.batch_corrected_counts(short, transform_batch="batch_0", model=ss.SCVI.from_anndata(base))
     assert_unchanged(short, snap)

@@ -78,7 +78,7 @@ def test_layout_puts_up_regulated_genes_first_by_default(ifnb):
     group are up-regulated in it, with 'down' down-regulated; 'both' is the two-sided proba_de
     order, which put down-regulated genes among the top (all of the erythrocytes' top 10)."""
     adata = ifnb.copy()
-    kwargs = dict(groupby="cell_type", n_samples=1000, progress_bar=False)
+    kwargs = {"groupby": "cell_type", "n_samples": 1000, "progress_bar": False}
     for rank_by, proba, sign in (("up", "proba_up", 1), ("down", "proba_down", -1), ("both", "proba_de", 0)):
         key = f"de_{rank_by}"
         ss.tl.differential_expression(adata, key_added=key, **kwargs, **({"rank_by": rank_by} if sign <= 0 else {}))
@@ -117,7 +117,7 @@ def test_within_cluster_stimulated_vs_control(ifnb):
 def test_dataframe_columns_reproducibility_and_no_side_effects(trained_model):
     adata = trained_model.adata
     uns_before = set(adata.uns)
-    kwargs = dict(groupby="labels", model=trained_model, n_samples=300, inplace=False, progress_bar=False)
+    kwargs = {"groupby": "labels", "model": trained_model, "n_samples": 300, "inplace": False, "progress_bar": False}
     df = ss.tl.differential_expression(adata, **kwargs)
     expected = [
         "proba_de", "proba_not_de", "proba_up", "proba_down", "bayes_factor", "scale1", "scale2", "pseudocounts",
@@ -144,7 +144,7 @@ def test_rank_by_orders_the_layout_not_the_dataframe(trained_model, mode):
     the LFC in that direction) or, 'both', in the two-sided order of the DataFrame, as before;
     the DataFrame itself keeps that order whatever rank_by."""
     adata = trained_model.adata.copy()
-    kwargs = dict(groupby="labels", model=trained_model, mode=mode, n_samples=300, progress_bar=False)
+    kwargs = {"groupby": "labels", "model": trained_model, "mode": mode, "n_samples": 300, "progress_bar": False}
     df = ss.tl.differential_expression(adata, inplace=False, **kwargs)
     assert df.equals(ss.tl.differential_expression(adata, inplace=False, rank_by="down", **kwargs))
     up, down, both = (
@@ -182,7 +182,7 @@ def test_pipelined_comparisons_equal_the_sequential_loop(trained_model, group2):
     alternating buffers; the table equals the one-thread sequential loop's (decoding rounds alike
     up to float summation order), and the caller's thread count is restored."""
     adata = trained_model.adata
-    kwargs = dict(groupby="labels", group2=group2, model=trained_model, n_samples=300, inplace=False)
+    kwargs = {"groupby": "labels", "group2": group2, "model": trained_model, "n_samples": 300, "inplace": False}
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -268,13 +268,13 @@ def test_bad_input(trained_model):
         ss.tl.differential_expression(adata.copy(), groupby="labels")
     with pytest.raises(ValueError, match="not found in obs"):
         ss.tl.differential_expression(adata, groupby="labels", group1="nope", model=trained_model)
-    with pytest.raises(KeyError, match="not found in adata.obs"):
+    with pytest.raises(KeyError, match=r"not found in adata\.obs"):
         ss.tl.differential_expression(adata, groupby="nope", model=trained_model)
     with pytest.raises(ValueError, match="overlap"):
         ss.tl.differential_expression(adata, idx1=[0, 1, 2], idx2=[2, 3], model=trained_model)
     with pytest.raises(ValueError, match="mode"):
         ss.tl.differential_expression(adata, groupby="labels", mode="wilcoxon", model=trained_model)
-    with pytest.raises(ValueError, match="missing from adata.var_names"):
+    with pytest.raises(ValueError, match=r"missing from adata\.var_names"):
         ss.tl.differential_expression(adata[:, :40].copy(), groupby="labels", model=trained_model)
 
 

@@ -72,7 +72,10 @@ def test_log_zinb_equals_reference_piecewise_formula():
     """The reference (scvi-tools) piecewise softplus form, written out independently."""
     x, mu, theta, logits = _grid(X_VALUES, MU_VALUES, THETA_VALUES, LOGITS)
     eps = 1e-8
-    softplus = lambda v: np.logaddexp(0.0, v)
+
+    def softplus(v):
+        return np.logaddexp(0.0, v)
+
     log_theta_mu = np.log(theta + mu + eps)
     a = -logits + theta * (np.log(theta + eps) - log_theta_mu)
     case_zero = softplus(a) - softplus(-logits)
@@ -286,7 +289,7 @@ def test_summed_log_likelihood_equals_reference_values_and_gradients(likelihood,
     ref_value, ref_grads = grads(reference)
     fast_value, fast_grads = grads(fast)
     torch.testing.assert_close(fast_value, ref_value, rtol=1e-12, atol=1e-9)
-    for a, b in zip(fast_grads, ref_grads):
+    for a, b in zip(fast_grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
@@ -298,7 +301,7 @@ def test_module_loss_matches_elementwise_reference():
     x[:, 0] += 1  # no empty cells
     tensors = {"X": x, "batch": torch.randint(0, 2, (30,)), "labels": torch.zeros(30, dtype=torch.long)}
     with torch.no_grad():
-        inf, gen = module(tensors)
+        _inf, gen = module(tensors)
         fast = module.log_likelihood(x, gen)
         ref = module.elementwise_log_likelihood(x, gen).sum(-1)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-3)

@@ -52,7 +52,7 @@ def test_reference_model_is_untouched(mapped):
 
 
 def test_frozen_tensors_are_bit_identical_and_new_columns_learn(mapped):
-    _, model, before, _, qm = mapped
+    _, _model, before, _, qm = mapped
     after = qm.module.state_dict()
     grown = []
     for k, ref_t in before.items():
@@ -193,7 +193,7 @@ def test_reference_without_encoded_covariates_warns():
 
 
 def test_knn_label_transfer_from_scvi_reference(reference):
-    ref, model = reference
+    _ref, model = reference
     _, query = split()
     truth = query.obs["labels"].astype(str).to_numpy()
     query.obs = query.obs.drop(columns="labels")
@@ -232,7 +232,7 @@ def test_reference_as_anndata_with_stored_model():
 
 
 def test_save_load_map_and_chain_in_a_fresh_process(mapped, tmp_path):
-    ref, model, _, _, _ = mapped
+    _ref, model, _, _, _ = mapped
     model.save(tmp_path / "ref")
     _, query = split()
     query.write_h5ad(tmp_path / "q.h5ad")

@@ -402,8 +402,8 @@ def test_repr_and_layer(variant_adata):
 def test_early_stopping_restores_best_weights(base_adata):
     """The restored weights are those after the best epoch: bit-identical to a run stopped there."""
     data = base_adata[:200].copy()
-    kw = dict(lr=0.05, train_size=0.7, batch_size=64, progress_bar=False, random_state=3)
-    model_kw = dict(batch_key="batch", n_hidden=16, n_latent=4)
+    kw = {"lr": 0.05, "train_size": 0.7, "batch_size": 64, "progress_bar": False, "random_state": 3}
+    model_kw = {"batch_key": "batch", "n_hidden": 16, "n_latent": 4}
 
     es = SCVI(data, **model_kw)
     es.train(max_epochs=40, early_stopping=True, early_stopping_patience=3, **kw)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from importlib.metadata import version
-
 from pathlib import Path
 
 import anndata as ad
@@ -17,7 +16,13 @@ from conftest import N_LATENT, N_OBS, N_VARS, assert_unchanged, snapshot
 import scanpy_scvi as ss
 from scanpy_scvi import SCVI
 
-FAST = dict(n_hidden=16, n_latent=N_LATENT, max_epochs=3, progress_bar=False, use_highly_variable_genes=False)
+FAST = {
+    "n_hidden": 16,
+    "n_latent": N_LATENT,
+    "max_epochs": 3,
+    "progress_bar": False,
+    "use_highly_variable_genes": False,
+}
 
 
 def _run(adata, **kwargs):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import matplotlib
+import matplotlib as mpl
 
-matplotlib.use("Agg")
+mpl.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -47,7 +47,7 @@ def test_api_tour_runs(tmp_path, monkeypatch):
     sc.settings.autoshow = False
     namespace: dict = {"__name__": "readme_api_tour"}
     try:
-        exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 (our own README)
+        exec(compile(code, str(README), "exec"), namespace)
     finally:
         sc.settings.autoshow = autoshow
         plt.close("all")

@@ -160,7 +160,8 @@ def test_crash_mid_save_keeps_previous_save(trained_model, base_adata, tmp_path,
             calls.append(filename)
             real(tensors, filename, metadata=metadata)
             Path(filename).write_bytes(Path(filename).read_bytes()[:100])  # half-written file
-            raise OSError("disk full")
+            msg = "disk full"
+            raise OSError(msg)
 
         # _io imports save_file from safetensors.torch at call time
         monkeypatch.setattr(safetensors.torch, "save_file", crash)
@@ -169,7 +170,8 @@ def test_crash_mid_save_keeps_previous_save(trained_model, base_adata, tmp_path,
 
         def crash(*args, **kwargs):
             calls.append(1)
-            raise OSError("disk full")
+            msg = "disk full"
+            raise OSError(msg)
 
         monkeypatch.setattr(io_mod.json, "dump", crash)
 
@@ -202,7 +204,7 @@ def _copy_dir(src: Path, dst: Path) -> Path:
 def test_corrupt_config_raises_value_error(saved, tmp_path, garbage):
     d = _copy_dir(saved, tmp_path / "m")
     (d / "config.json").write_bytes(garbage)
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(ValueError, match=r"config\.json"):
         SCVI.load(d)
 
 
@@ -215,7 +217,7 @@ def test_inconsistent_config_raises_value_error(saved, tmp_path):
         SCVI.load(d)
     del config["setup"]
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(ValueError, match=r"config\.json"):
         SCVI.load(d)
     config = json.loads((saved / "config.json").read_text())
     config["format_version"] = 99
@@ -237,7 +239,7 @@ def test_corrupt_weights_raise_value_error(saved, tmp_path, how):
         weights.write_bytes(b"")
     else:
         weights.unlink()
-    with pytest.raises(ValueError, match="model.safetensors"):
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
         SCVI.load(d)
 
 

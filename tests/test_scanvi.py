@@ -36,7 +36,7 @@ def scanvi_fit():
 
 
 def test_unlabelled_category_is_not_a_class(scanvi_fit):
-    adata, hide, model = scanvi_fit
+    _adata, hide, model = scanvi_fit
     assert model.setup.label_categories == ["label_0", "label_1", "label_2"]
     assert model.module.n_labels == 3
     codes = model._bound.source.obs["labels"]

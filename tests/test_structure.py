@@ -85,7 +85,8 @@ def test_modules_are_short_or_say_why():
     long = [
         f"{p.relative_to(PACKAGE)} ({n} lines)"
         for p in MODULES
-        if (n := len(p.read_text().splitlines())) > 600 and "lines" not in (ast.get_docstring(ast.parse(p.read_text())) or "")
+        if (n := len(p.read_text().splitlines())) > 600
+        and "lines" not in (ast.get_docstring(ast.parse(p.read_text())) or "")
     ]
     assert not long, long
 
@@ -109,12 +110,12 @@ def test_pp_functions_share_the_vocabulary(func):
     first, *rest = params.values()
     assert first.name == "adata"
     assert all(p.kind is p.KEYWORD_ONLY for p in rest), "only adata is positional"
-    assert VOCABULARY <= set(params), sorted(VOCABULARY - set(params))
+    assert set(params) >= VOCABULARY, sorted(VOCABULARY - set(params))
     assert params["key_added"].default.startswith("X_")
     for p in rest:  # every argument is documented
-        assert f"\n    {p.name}\n" in func.__doc__ or f" {p.name}," in func.__doc__ or f", {p.name}\n" in func.__doc__, (
-            p.name
-        )
+        assert (
+            f"\n    {p.name}\n" in func.__doc__ or f" {p.name}," in func.__doc__ or f", {p.name}\n" in func.__doc__
+        ), p.name
 
 
 def test_pp_functions_give_shared_arguments_the_same_defaults():

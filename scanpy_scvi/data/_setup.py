@@ -137,7 +137,9 @@ class DataSetup:
             obs["cat_covs"] = np.stack(
                 [
                     self._codes(adata, k, cats, "categorical_covariate_keys")
-                    for k, cats in zip(self.categorical_covariate_keys, self.categorical_covariate_categories)
+                    for k, cats in zip(
+                        self.categorical_covariate_keys, self.categorical_covariate_categories, strict=True
+                    )
                 ],
                 axis=1,
             )
@@ -175,7 +177,7 @@ class DataSetup:
             msg = "adata.var_names are not unique; run `adata.var_names_make_unique()` first."
             raise ValueError(msg)
         idx = pos.get_indexer(self.genes)
-        missing = [g for g, i in zip(self.genes, idx) if i < 0]
+        missing = [g for g, i in zip(self.genes, idx, strict=True) if i < 0]
         if len(missing) == len(self.genes):
             msg = (
                 f"adata shares none of the model's {len(self.genes)} genes (e.g. {self.genes[:3]}; adata has "

@@ -275,4 +275,3 @@ def _cycle(idx: np.ndarray, batch_size: int, rng: np.random.Generator):
     """Endless minibatches of ``idx``, reshuffled on every pass."""
     while True:
         yield from minibatches(rng.permutation(idx), batch_size)
-

@@ -269,7 +269,7 @@ class SCVI(BaseModel):
         out = {k: np.empty(shape, dtype=np.float32) for k in keys}
         with self.inference_mode():
             for rows, t in self.minibatches(bound, idx, batch_size, encoder_only=True):
-                inf, gen = self.module(t, n_samples=n_samples)
+                _inf, gen = self.module(t, n_samples=n_samples)
                 values = {
                     "mean": gen["px_rate"],
                     "dispersions": gen["theta"],

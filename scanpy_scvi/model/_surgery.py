@@ -54,7 +54,9 @@ def query_model(
     new_batches = _new_categories(query, batch_key, ref_setup.batch_categories, "batch_key")
     new_cov = [
         _new_categories(query, key, cats, "categorical_covariate_keys")
-        for key, cats in zip(ref_setup.categorical_covariate_keys, ref_setup.categorical_covariate_categories)
+        for key, cats in zip(
+            ref_setup.categorical_covariate_keys, ref_setup.categorical_covariate_categories, strict=True
+        )
     ]
     labels = {}
     if ref_setup.unlabeled_category is not None or reference.architecture.dispersion != "gene-label":
@@ -63,7 +65,9 @@ def query_model(
         ref_setup,
         batch_key=batch_key,
         batch_categories=ref_setup.batch_categories + new_batches,
-        categorical_covariate_categories=[c + n for c, n in zip(ref_setup.categorical_covariate_categories, new_cov)],
+        categorical_covariate_categories=[
+            c + n for c, n in zip(ref_setup.categorical_covariate_categories, new_cov, strict=True)
+        ],
         max_missing_genes=float(max_missing_genes),
         **labels,
     )
@@ -76,7 +80,7 @@ def query_model(
     _freeze(model.module, masks, freeze_expression=freeze_expression, freeze_batchnorm_decoder=freeze_batchnorm_decoder)
     model.trainable_masks = masks
     added = [f"{batch_key}={b}" for b in new_batches] + [
-        f"{k}={v}" for k, vals in zip(ref_setup.categorical_covariate_keys, new_cov) for v in vals
+        f"{k}={v}" for k, vals in zip(ref_setup.categorical_covariate_keys, new_cov, strict=True) for v in vals
     ]
     return model, added
 
@@ -132,7 +136,7 @@ def _grow_covariate_columns(old, fresh, old_sizes, new_sizes) -> tuple[torch.Ten
     mask = torch.zeros_like(fresh, dtype=torch.bool)
     grown[:, :n_feat] = old[:, :n_feat]
     o, n = n_feat, n_feat
-    for n_old, wo, wn in zip(old_sizes, w_old, w_new):
+    for n_old, wo, wn in zip(old_sizes, w_old, w_new, strict=True):
         if wn:
             if wo:
                 grown[:, n : n + n_old] = old[:, o : o + n_old]
@@ -148,7 +152,7 @@ def _freeze(
 ) -> None:
     """Set which parameters learn; batch-norm running statistics stop updating (momentum 0)."""
     trainable = set(masks)
-    for name, p in module.named_parameters():
+    for name, _ in module.named_parameters():
         if name.startswith("l_encoder."):
             trainable.add(name)  # the library encoder learns the query's depth (scArches)
             masks.pop(name, None)

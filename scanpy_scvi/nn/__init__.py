@@ -6,4 +6,4 @@ from ._numpy import to_numpy
 from ._scanvae import SCANVAE
 from ._vae import VAE
 
-__all__ = ["SCANVAE", "SCANVIArchitecture", "VAE", "VAEArchitecture", "sample_counts", "to_numpy"]
+__all__ = ["SCANVAE", "VAE", "SCANVIArchitecture", "VAEArchitecture", "sample_counts", "to_numpy"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from functools import cache
 
 import torch
@@ -89,7 +90,7 @@ class FCLayers(nn.Module):
         self.n_cov = n_cov
         self.inject = [n_cov > 0 and (i == 0 or inject_covariates) for i in range(n_layers)]
         self.layers = nn.ModuleList()
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             block = [Linear(a + n_cov * self.inject[i], b)]
             if use_batch_norm:
                 block.append(batch_norm(b))
@@ -102,7 +103,7 @@ class FCLayers(nn.Module):
 
     def forward(self, x: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: (cells, n_in) or (samples, cells, n_in); or a sparse CSR (cells, n_in) input."""
-        for i, (inject, layer) in enumerate(zip(self.inject, self.layers)):
+        for i, (inject, layer) in enumerate(zip(self.inject, self.layers, strict=True)):
             if i == 0 and x.layout == torch.sparse_csr:
                 x = layer[1:](_sparse_linear(layer[0], x, cov if inject else None))
                 continue

@@ -16,6 +16,7 @@ minibatch is a dict with
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +26,6 @@ from ._layers import FCLayers, Linear, _apply_2d, batch_norm
 from ._likelihoods import log_nb, log_poisson, log_zinb, summed_log_likelihood
 
 VAR_EPS = 1e-4  # added to the encoder variance, as in the reference
-
 
 
 class GaussianEncoder(nn.Module):
@@ -137,7 +137,9 @@ class VAE(nn.Module):
     def _one_hot(self, batch: torch.Tensor, cat_covs: torch.Tensor | None) -> torch.Tensor | None:
         codes = [batch] + ([] if cat_covs is None else list(cat_covs.unbind(-1)))
         blocks = [
-            F.one_hot(c, n).to(torch.float32) for c, n in zip(codes, (self.n_batch, *self.n_cats_per_cov)) if n > 1
+            F.one_hot(c, n).to(torch.float32)
+            for c, n in zip(codes, (self.n_batch, *self.n_cats_per_cov), strict=True)
+            if n > 1
         ]
         return torch.cat(blocks, dim=-1) if blocks else None
 

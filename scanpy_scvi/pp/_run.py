@@ -54,9 +54,7 @@ class RunArguments(Settings):
         "the AnnData free of it.",
     )
     copy: bool = setting(False, "Work on (and return) a copy of ``adata``.")
-    return_model: bool | None = setting(
-        None, "Return the trained model. Default: the function's (see Returns)."
-    )
+    return_model: bool | None = setting(None, "Return the trained model. Default: the function's (see Returns).")
     return_posterior: bool | None = setting(None, "Historical name of ``return_model``.")
     progress_bar: bool = setting(True, "Show a per-epoch progress bar.")
 

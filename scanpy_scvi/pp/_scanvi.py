@@ -112,13 +112,13 @@ def scanvi(
     adata.obsm[key_added] = latent
     adata.obs[f"{labels_key}_scanvi_pred"] = calls
     adata.obs[f"{labels_key}_scanvi_proba"] = confidence.astype(np.float32)
-    params = dict(
-        labels_key=labels_key, unlabeled_category=str(unlabeled_category), batch_key=model.setup.batch_key,
-        layer=model.setup.layer, from_scvi_model=scvi_model is not None, max_epochs=model.train_config["max_epochs"],
-        lr=lr, train_size=train_size, batch_size=batch_size, classification_ratio=classification_ratio,
-        early_stopping=early_stopping, check_counts=model.setup.check_counts, random_state=run.random_state,
-        key_added=key_added,
-    )  # fmt: skip
+    params = {
+        "labels_key": labels_key, "unlabeled_category": str(unlabeled_category), "batch_key": model.setup.batch_key,
+        "layer": model.setup.layer, "from_scvi_model": scvi_model is not None, "max_epochs": model.train_config["max_epochs"],
+        "lr": lr, "train_size": train_size, "batch_size": batch_size, "classification_ratio": classification_ratio,
+        "early_stopping": early_stopping, "check_counts": model.setup.check_counts, "random_state": run.random_state,
+        "key_added": key_added,
+    }  # fmt: skip
     adata.uns[uns_key] = model.uns_record(params, store_model=run.store_model)
     logg.info(
         "    finished",

@@ -270,11 +270,11 @@ class _Group2Draws:
 
     def _from_pools(self, comp: Comparison, g: int, out: torch.Tensor) -> _Columns:
         d, parts = self.draws, []
-        for i, (code, (pool, sizes)) in enumerate(zip(d.codes, self._pools)):
+        for i, (code, (pool, sizes)) in enumerate(zip(d.codes, self._pools, strict=True)):
             available = sizes.copy()
             available[g] = 0
             take = d.rng.multivariate_hypergeometric(available, min(d.per_code, int(available.sum())))
-            parts += [(pool, start, start + n) for start, n in zip(np.cumsum(sizes) - sizes, take)]
+            parts += [(pool, start, start + n) for start, n in zip(np.cumsum(sizes) - sizes, take, strict=True)]
             if take.sum() < d.per_code:  # too few pool draws outside a very large group: decode the rest
                 rest = out[:, d.columns(i)][:, : d.per_code - take.sum()]
                 d.sampler.draw(d.rng.choice(comp.cells2, rest.shape[1]), code, rest)

@@ -201,13 +201,13 @@ def map_query(
     if label_col is not None:
         query.obs[f"{label_col}_pred"] = outputs["pred"]
         query.obs[f"{label_col}_uncertainty"] = outputs["uncertainty"].astype(np.float32)
-    params = dict(
-        reference_class=kind, batch_key=model.setup.batch_key, labels_key=label_col, max_missing_genes=max_missing_genes,
-        max_epochs=max_epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, train_size=train_size,
-        n_epochs_kl_warmup=n_epochs_kl_warmup, freeze_expression=freeze_expression,
-        freeze_batchnorm_decoder=freeze_batchnorm_decoder, n_neighbors=n_neighbors if label_col and not is_scanvi else None,
-        random_state=random_state, key_added=key_added,
-    )  # fmt: skip
+    params = {
+        "reference_class": kind, "batch_key": model.setup.batch_key, "labels_key": label_col, "max_missing_genes": max_missing_genes,
+        "max_epochs": max_epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "train_size": train_size,
+        "n_epochs_kl_warmup": n_epochs_kl_warmup, "freeze_expression": freeze_expression,
+        "freeze_batchnorm_decoder": freeze_batchnorm_decoder, "n_neighbors": n_neighbors if label_col and not is_scanvi else None,
+        "random_state": random_state, "key_added": key_added,
+    }  # fmt: skip
     record = model.uns_record(params, store_model=store_model)
     record["missing_genes"] = np.asarray(missing, dtype=object)
     record["new_categories"] = np.asarray(added, dtype=object)

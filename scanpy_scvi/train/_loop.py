@@ -194,7 +194,9 @@ def evaluate(
     module.eval()
     sums = Sums()
     for start in range(0, len(idx), batch_size):
-        sums.add(objective.evaluate(module, source.get(idx[start : start + batch_size], device, nonzero=True), kl_weight))
+        sums.add(
+            objective.evaluate(module, source.get(idx[start : start + batch_size], device, nonzero=True), kl_weight)
+        )
     module.train(was_training)
     return sums
 

@@ -14,7 +14,7 @@ import numpy as np
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 
-from test_golden import GOLDEN, compute_outputs, fingerprint
+from test_golden import GOLDEN, compute_outputs, fingerprint  # noqa: E402 (after the path insert)
 
 
 def main() -> None:
