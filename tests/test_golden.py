@@ -6,8 +6,11 @@ them and compares:
 
 * bit for bit (``assert_array_equal``) when the machine fingerprint (torch and numpy versions,
   CPU architecture and model, torch thread count) equals the stored one;
-* otherwise with ``rtol=1e-3, atol=1e-4`` for floats (strings and integers stay exact), since
-  float results legitimately differ across BLAS kernels, CPUs and thread counts.
+* otherwise (another CPU, BLAS kernel or thread count, where float results legitimately
+  differ in the last bits and training amplifies that a little) with tolerances: floats
+  ``rtol=1e-2, atol=1e-3``; the DE table aligned by (comparison, gene) rather than by rank
+  (near-ties may swap), its posterior probabilities within 0.05 (10 of the 200 samples);
+  labels at least 98 % equal.
 
 Only public API calls are used, so the test survives moving code between modules. Regenerate
 the golden file only for an intended change of results.
@@ -28,7 +31,7 @@ from conftest import make_adata
 import scanpy_scvi as ss
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "golden.npz"
-RTOL, ATOL = 1e-3, 1e-4
+RTOL, ATOL = 1e-2, 1e-3  # another machine: a changed algorithm moves results by far more
 
 SMALL = {"n_hidden": 32, "n_latent": 5}
 RUN = {"progress_bar": False, "device": "cpu", "random_state": 0}
@@ -202,11 +205,18 @@ def test_golden_outputs(computed, golden):
     exact = stored_fp == current_fp
     note = "" if exact else f" (tolerance rtol={RTOL}, atol={ATOL}: fingerprint {current_fp!r} != stored {stored_fp!r})"
     failures = []
+    if not exact:
+        failures += _compare_de_across_machines(computed, ref)
     for key in sorted(ref):
         want, got = ref[key], np.asarray(computed[key])
+        if not exact and key.startswith("de/"):
+            continue
         try:
             assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
-            if exact or want.dtype.kind not in "fc":
+            if not exact and want.dtype.kind == "U":
+                same = np.mean(got == want)
+                assert same >= 0.98, f"only {same:.1%} of the labels agree"
+            elif exact or want.dtype.kind not in "fc":
                 assert got.dtype == want.dtype or want.dtype.kind == "U", f"dtype {got.dtype} != {want.dtype}"
                 np.testing.assert_array_equal(got, want)
             else:
@@ -214,3 +224,24 @@ def test_golden_outputs(computed, golden):
         except AssertionError as e:
             failures.append(f"{key}: {str(e).strip()[:600]}")
     assert not failures, f"{len(failures)} golden outputs changed{note}:\n" + "\n\n".join(failures)
+
+
+def _compare_de_across_machines(computed, ref) -> list[str]:
+    """The DE table, aligned by (comparison, gene), with tolerances for another machine."""
+
+    def table(d):
+        frame = pd.DataFrame({c: d[f"de/{c}"] for c in DE_COLUMNS})
+        frame.index = pd.MultiIndex.from_arrays([d["de/comparison"], d["de/genes"]])
+        return frame.sort_index()
+
+    got, want = table(computed), table(ref)
+    if not got.index.equals(want.index):
+        return ["de: the (comparison, gene) pairs differ"]
+    failures = []
+    for column, rtol, atol in [("proba_de", 0, 0.05), ("lfc_mean", 0.05, 0.05), ("scale1", 1e-2, 1e-6),
+                               ("scale2", 1e-2, 1e-6)]:  # fmt: skip
+        off = ~np.isclose(got[column], want[column], rtol=rtol, atol=atol)
+        if off.any():
+            worst = np.max(np.abs(got[column].to_numpy() - want[column].to_numpy()))
+            failures.append(f"de/{column}: {off.sum()} of {off.size} values off (largest difference {worst:.3g})")
+    return failures
