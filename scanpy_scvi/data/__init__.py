@@ -2,6 +2,7 @@
 
 from ._arguments import SetupArguments
 from ._batches import MinibatchSource
+from ._proteins import measured_proteins
 from ._setup import BoundData, DataSetup, categories
 
-__all__ = ["BoundData", "DataSetup", "MinibatchSource", "SetupArguments", "categories"]
+__all__ = ["BoundData", "DataSetup", "MinibatchSource", "SetupArguments", "categories", "measured_proteins"]

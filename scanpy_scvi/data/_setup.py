@@ -16,6 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ._batches import MinibatchSource, row_chunks
+from ._proteins import protein_names_of, read_proteins
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -42,6 +43,10 @@ class DataSetup:
     unlabeled_category: str | None = None
     # reference mapping: the fraction of model genes an AnnData may lack (zero-padded)
     max_missing_genes: float = 0.0
+    # CITE-seq: protein counts in adata.obsm[protein_expression_obsm_key], in this order
+    protein_expression_obsm_key: str | None = None
+    protein_names_uns_key: str | None = None
+    protein_names: list[str] = field(default_factory=list)
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -57,8 +62,10 @@ class DataSetup:
         continuous_covariate_keys: Sequence[str] | None = None,
         size_factor_key: str | None = None,
         check_counts: bool = True,
+        protein_expression_obsm_key: str | None = None,
+        protein_names_uns_key: str | None = None,
     ) -> DataSetup:
-        """Read the categories of ``adata`` (the training data). Raises on bad input."""
+        """Read the categories (and protein names) of ``adata``, the training data. Raises on bad input."""
         _check_layer(adata, layer)
         genes = list(adata.var_names if genes is None else genes)
         cat_keys = list(categorical_covariate_keys or [])
@@ -77,6 +84,13 @@ class DataSetup:
             continuous_covariate_keys=list(continuous_covariate_keys or []),
             size_factor_key=size_factor_key,
             check_counts=check_counts,
+            protein_expression_obsm_key=protein_expression_obsm_key,
+            protein_names_uns_key=protein_names_uns_key,
+            protein_names=(
+                []
+                if protein_expression_obsm_key is None
+                else protein_names_of(adata, protein_expression_obsm_key, protein_names_uns_key)
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,7 +108,7 @@ class DataSetup:
             "n_cats_per_cov": self.n_cats_per_cov,
             "n_continuous_cov": len(self.continuous_covariate_keys),
             "use_size_factor": self.size_factor_key is not None,
-        }
+        } | ({"n_proteins": len(self.protein_names)} if self.protein_expression_obsm_key else {})
 
     @property
     def n_batch(self) -> int:
@@ -153,6 +167,11 @@ class DataSetup:
                 msg = f"obs[{self.size_factor_key!r}] (size_factor_key) must be positive; found {np.sum(sf <= 0)} values <= 0."
                 raise ValueError(msg)
             obs["size_factor"] = sf[:, None]
+        if self.protein_expression_obsm_key is not None:
+            obs["Y"] = read_proteins(
+                adata, self.protein_expression_obsm_key, self.protein_names, self.protein_names_uns_key,
+                check_counts=self.check_counts,
+            )  # fmt: skip
         X = adata.layers[self.layer] if self.layer is not None else adata.X
         present = gene_idx >= 0
         positions = None if present.all() else np.flatnonzero(present)  # model columns that exist

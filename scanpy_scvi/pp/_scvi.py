@@ -125,7 +125,7 @@ def scvi(
     uns_key = check_key_added(key_added)
     genes = run.genes(adata)
     if expression:
-        _check_expression_fits(adata.n_obs, len(genes))
+        check_expression_fits(adata.n_obs, len(genes))
 
     start = logg.info(
         f"computing scVI{' (LDVAE)' if architecture.get('linear_decoder') else ''} on {adata.n_obs} cells x "
@@ -180,14 +180,14 @@ def _available_memory() -> int | None:
         return None
 
 
-def _check_expression_fits(n_obs: int, n_genes: int) -> None:
-    """Fail before training, not after it, when the two dense expression matrices would take
-    more than ``MEMORY_SHARE`` of the available memory."""
-    needed = 2 * n_obs * n_genes * 4  # X_scvi_denoised + X_scvi_sample_rate, float32
+def check_expression_fits(n_obs: int, n_genes: int, *, n_matrices: int = 2) -> None:
+    """Fail before training, not after it, when the dense expression outputs (``n_matrices``
+    float32 cells x genes matrices) would take more than ``MEMORY_SHARE`` of the available memory."""
+    needed = n_matrices * n_obs * n_genes * 4
     available = _available_memory()
     if available is not None and needed > MEMORY_SHARE * available:
         msg = (
-            f"The denoised and sample-rate matrices ({n_obs} cells x {n_genes} genes, float32) need "
+            f"The dense expression outputs ({n_matrices} x {n_obs} cells x {n_genes} genes, float32) need "
             f"{needed / 1e9:.1f} GB; the rule is to use at most {MEMORY_SHARE:.0%} of the memory available now, "
             f"{MEMORY_SHARE * available / 1e9:.1f} of {available / 1e9:.1f} GB. Pass `expression=False` to write "
             "only the latent space (compute expression later, in chunks, with "
