@@ -1,9 +1,21 @@
 """Pure-torch building blocks (no AnnData here): modules, their architectures, likelihoods."""
 
-from ._architecture import SCANVIArchitecture, VAEArchitecture
-from ._likelihoods import sample_counts
+from ._architecture import SCANVIArchitecture, TOTALVIArchitecture, VAEArchitecture
+from ._likelihoods import log_nb_mixture, sample_counts, sample_nb_mixture
 from ._numpy import to_numpy
 from ._scanvae import SCANVAE
+from ._totalvae import TOTALVAE
 from ._vae import VAE
 
-__all__ = ["SCANVAE", "VAE", "SCANVIArchitecture", "VAEArchitecture", "sample_counts", "to_numpy"]
+__all__ = [
+    "SCANVAE",
+    "TOTALVAE",
+    "VAE",
+    "SCANVIArchitecture",
+    "TOTALVIArchitecture",
+    "VAEArchitecture",
+    "log_nb_mixture",
+    "sample_counts",
+    "sample_nb_mixture",
+    "to_numpy",
+]

@@ -100,3 +100,70 @@ class SCANVIArchitecture(VAEArchitecture):
         if self.linear_decoder:
             msg = "scANVI has no linear decoder (LDVAE) variant."
             raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class TOTALVIArchitecture(Settings):
+    """totalVI (Gayoso et al. 2021) architecture; defaults are the published (scvi-tools ``TOTALVAE``) ones."""
+
+    n_hidden: int = setting(
+        256, "Hidden units per layer of the encoder and the decoders (default 256).", check=positive_int
+    )
+    n_latent: int = setting(20, "Latent dimensions (default 20).", check=positive_int)
+    n_layers_encoder: int = setting(2, "Hidden layers of the encoder (default 2).", check=positive_int)
+    n_layers_decoder: int = setting(
+        1,
+        "Hidden layers of each decoder network (RNA, protein background, foreground, mixing; default 1).",
+        check=positive_int,
+    )
+    dropout_rate_encoder: float = setting(
+        0.2, "Dropout of the encoder's hidden layers (default 0.2).", check=unit_interval
+    )
+    dropout_rate_decoder: float = setting(
+        0.2, "Dropout of the decoders' hidden layers (default 0.2).", check=unit_interval
+    )
+    gene_dispersion: Literal["gene", "gene-batch", "gene-label"] = setting(
+        "gene",
+        "RNA negative binomial dispersion: ``'gene'`` (one per gene), ``'gene-batch'`` or ``'gene-label'``.",
+        choices=("gene", "gene-batch", "gene-label"),
+    )
+    protein_dispersion: Literal["protein", "protein-batch", "protein-label"] = setting(
+        "protein",
+        "Protein negative binomial dispersion: ``'protein'`` (one per protein), ``'protein-batch'`` or "
+        "``'protein-label'``.",
+        choices=("protein", "protein-batch", "protein-label"),
+    )
+    gene_likelihood: Literal["nb", "zinb"] = setting(
+        "nb", "RNA count likelihood: ``'nb'`` (default) or ``'zinb'``.", choices=("nb", "zinb")
+    )
+    latent_distribution: Literal["normal", "ln"] = setting(
+        "normal", "``'normal'`` or ``'ln'`` (logistic normal).", choices=("normal", "ln")
+    )
+    encode_covariates: bool = setting(
+        True,
+        "Feed the batch and covariates to the encoder too (default, as in scvi-tools' totalVI).",
+        choices=(True, False),
+    )
+    deeply_inject_covariates: bool = setting(
+        True, "Inject categorical covariates into every hidden layer, not just the first.", choices=(True, False)
+    )
+    use_observed_lib_size: bool = setting(
+        True,
+        "Use log total RNA counts as the library (default), or learn it with a per-batch log-normal prior (``False``).",
+        choices=(True, False),
+    )
+    use_batch_norm: NormChoice = setting(
+        "both", "Where hidden layers are batch-normalised: ``'encoder'``, ``'decoder'``, ``'both'`` or ``'none'``.",
+        choices=NORMS,
+    )  # fmt: skip
+    use_layer_norm: NormChoice = setting(
+        "none", "Where hidden layers are layer-normalised: ``'encoder'``, ``'decoder'``, ``'both'`` or ``'none'``.",
+        choices=NORMS,
+    )  # fmt: skip
+
+    def normalised(self, part: Literal["encoder", "decoder"]) -> dict[str, bool]:
+        """Which normalisation the hidden layers of ``part`` use, as ``FCLayers`` flags."""
+        return {
+            "use_batch_norm": self.use_batch_norm in (part, "both"),
+            "use_layer_norm": self.use_layer_norm in (part, "both"),
+        }

@@ -200,3 +200,48 @@ def _log_likelihood_and_derivatives(mu, theta, zi_logits, likelihood, flat, x, e
 def _per_nonzero(fn, theta: torch.Tensor, theta_nz: torch.Tensor, nz_cols: torch.Tensor) -> torch.Tensor:
     """``fn(theta)`` at the nonzero entries; a per-gene theta is evaluated once per gene."""
     return fn(theta).index_select(0, nz_cols) if theta.dim() == 1 else fn(theta_nz)
+
+
+# -- totalVI's protein likelihood ----------------------------------------------------------
+
+
+def log_nb_mixture(
+    y: torch.Tensor,
+    mu1: torch.Tensor,
+    mu2: torch.Tensor,
+    theta: torch.Tensor,
+    mixture_logits: torch.Tensor,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """Elementwise log of a two-component negative binomial mixture with a shared ``theta``.
+
+    ``log(sigmoid(l) NB(y; mu1, theta) + sigmoid(-l) NB(y; mu2, theta))`` with ``l`` the
+    ``mixture_logits``: ``sigmoid(l)`` is the weight of the *first* component. In totalVI the
+    first component is the protein background (``mu1 = rate_back``) and the second the
+    foreground (``mu2 = rate_fore``), as in the reference ``NegativeBinomialMixture``.
+
+    The terms shared by both components (``lgamma(y + theta) - lgamma(theta) - lgamma(y + 1)
+    + theta log theta``) are computed once; the mixture is a ``logaddexp`` of the weighted
+    component terms, with the log weights as ``logsigmoid(+-l)``, so that extreme logits
+    neither overflow nor lose the smaller component. Same ``eps`` placements as :func:`log_nb`.
+    """
+    log_theta = torch.log(theta + eps)
+    log_total_1 = torch.log(theta + mu1 + eps)
+    log_total_2 = torch.log(theta + mu2 + eps)
+    own_1 = theta * (log_theta - log_total_1) + y * (torch.log(mu1 + eps) - log_total_1)
+    own_2 = theta * (log_theta - log_total_2) + y * (torch.log(mu2 + eps) - log_total_2)
+    shared = torch.lgamma(y + theta) - torch.lgamma(theta) - torch.lgamma(y + 1)
+    return torch.logaddexp(F.logsigmoid(mixture_logits) + own_1, F.logsigmoid(-mixture_logits) + own_2) + shared
+
+
+def sample_nb_mixture(
+    mu1: torch.Tensor, mu2: torch.Tensor, theta: torch.Tensor, mixture_logits: torch.Tensor
+) -> torch.Tensor:
+    """Draw counts from :func:`log_nb_mixture`'s distribution, using torch's global RNG.
+
+    Each entry comes from the first component (mean ``mu1``) with probability
+    ``sigmoid(mixture_logits)``, else from the second (``mu2``); then Gamma-Poisson as in
+    :func:`sample_counts`.
+    """
+    first = torch.rand_like(mu1) < torch.sigmoid(mixture_logits)
+    return sample_counts(torch.where(first, mu1, mu2), theta, None, "nb")
