@@ -4,5 +4,6 @@ from ._base import BaseModel, resolve_device
 from ._scanvi import SCANVI
 from ._scvi import SCVI
 from ._surgery import query_model
+from ._totalvi import TOTALVI
 
-__all__ = ["SCANVI", "SCVI", "BaseModel", "query_model", "resolve_device"]
+__all__ = ["SCANVI", "SCVI", "TOTALVI", "BaseModel", "query_model", "resolve_device"]

@@ -1,0 +1,376 @@
+"""TOTALVI: totalVI (Gayoso et al. 2021) for CITE-seq, RNA and surface proteins in one latent space."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .._settings import check_positive_int, keyword_settings, split_settings
+from ..data import BoundData, DataSetup, SetupArguments, measured_proteins
+from ..nn import TOTALVAE, TOTALVIArchitecture, to_numpy
+from ._base import BaseModel
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+BACKGROUND_PRIOR_CELLS = 100  # cells per batch whose protein counts set the empirical background prior
+
+
+@keyword_settings(SetupArguments, TOTALVIArchitecture)
+class TOTALVI(BaseModel):
+    """totalVI (Gayoso et al. 2021): a joint model of RNA and surface-protein counts (CITE-seq).
+
+    RNA is modelled as in scVI; each protein count is a negative binomial mixture of a
+    background (ambient antibodies, non-specific binding) and a foreground (the protein on the
+    cell). Both share one latent space. Proteins that a batch did not measure (different
+    antibody panels) are left out of that batch's likelihood and imputed in the outputs.
+    Method names and semantics follow scvi-tools' ``TOTALVI``.
+
+    Parameters
+    ----------
+    adata
+        AnnData with raw RNA counts in ``X`` or ``layer`` and raw protein counts in
+        ``adata.obsm[protein_expression_obsm_key]``.
+    protein_expression_obsm_key
+        ``obsm`` key of the protein counts: a DataFrame (columns = protein names) or an array.
+    protein_names_uns_key
+        For an array: the ``uns`` key of its protein names (default ``protein_0``, ...).
+    genes
+        Genes (``var_names``) to model, in order. Default: all genes of ``adata``.
+    labels_key
+        ``obs`` column of cell labels (used by the ``'gene-label'`` / ``'protein-label'`` dispersions).
+    empirical_protein_background_prior
+        Start the background prior from the data: per batch, a two-component Gaussian mixture on
+        the log counts of each of 100 cells, the lower component taken as background. Default:
+        on when there are more than 10 proteins (scvi-tools' rule).
+    override_missing_proteins
+        Treat every protein as measured in every batch, even where a batch has no count of it.
+    {SetupArguments}
+    {TOTALVIArchitecture}
+    random_state
+        Seed of the weight initialisation and of the empirical prior's cell sample.
+    """
+
+    name = "totalVI"
+    module_class = TOTALVAE
+
+    def __init__(
+        self,
+        adata: AnnData,
+        *,
+        protein_expression_obsm_key: str = "protein_expression",
+        protein_names_uns_key: str | None = None,
+        genes: Sequence[str] | None = None,
+        labels_key: str | None = None,
+        empirical_protein_background_prior: bool | None = None,
+        override_missing_proteins: bool = False,
+        random_state: int | None = 0,
+        **settings,
+    ):
+        setup_args, architecture = split_settings(settings, SetupArguments)
+        architecture = TOTALVIArchitecture(**architecture)
+        setup = DataSetup.from_adata(
+            adata, genes=genes, labels_key=labels_key, protein_expression_obsm_key=protein_expression_obsm_key,
+            protein_names_uns_key=protein_names_uns_key, **setup_args,
+        )  # fmt: skip
+        self._assemble(setup, architecture, adata=adata, random_state=random_state)
+        Y, batch = self._bound.source.obs["Y"], self._bound.source.obs["batch"]
+        measured = np.ones((setup.n_batch, len(setup.protein_names)), dtype=bool)
+        if not override_missing_proteins:
+            measured = measured_proteins(Y, batch, setup.n_batch)
+            for b, c in enumerate(setup.batch_categories):
+                if not measured[b].all():
+                    missing = list(np.asarray(setup.protein_names)[~measured[b]])
+                    warnings.warn(
+                        f"Batch {c!r} has no count of {len(missing)} proteins ({missing[:5]}): treated as not "
+                        "measured there (left out of its likelihood, imputed in outputs). Pass "
+                        "override_missing_proteins=True if they were measured and are truly zero.",
+                        UserWarning,
+                        stacklevel=2,
+                    )
+        self.module.set_protein_mask(measured)
+        if empirical_protein_background_prior is None:
+            empirical_protein_background_prior = len(setup.protein_names) > 10
+        if empirical_protein_background_prior:
+            mean, scale = background_prior(Y, batch, measured, np.random.default_rng(random_state))
+            self.module.set_background_prior(mean, scale)
+        if not architecture.use_observed_lib_size:
+            self._init_library_prior(self._bound)
+
+    def _init_library_prior(self, bound: BoundData) -> None:
+        log_lib = np.log(bound.library)
+        batch = bound.source.obs["batch"]
+        for b in range(self.setup.n_batch):
+            if np.any(batch == b):
+                self.module.library_log_means[0, b] = float(log_lib[batch == b].mean())
+                self.module.library_log_vars[0, b] = float(log_lib[batch == b].var())
+
+    def __repr__(self) -> str:
+        a = self.architecture
+        return (
+            f"TOTALVI: {len(self.setup.genes)} genes, {len(self.setup.protein_names)} proteins, "
+            f"{self.setup.n_batch} batches, n_latent={a.n_latent}, {a.gene_likelihood} RNA likelihood; "
+            f"trained: {self.is_trained}"
+        )
+
+    # -- training ------------------------------------------------------------------------------
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        lr: float = 4e-3,
+        batch_size: int = 256,
+        train_size: float = 0.9,
+        early_stopping: bool = True,
+        reduce_lr_on_plateau: bool = True,
+        n_steps_kl_warmup: int | None = None,
+        n_epochs_kl_warmup: int | None = None,
+        **kwargs,
+    ) -> None:
+        """Train with scvi-tools' totalVI defaults.
+
+        Parameters
+        ----------
+        max_epochs
+            ``None``: ``min(400, round(20000 / n_cells * 400))``.
+        lr, batch_size, train_size, early_stopping, reduce_lr_on_plateau
+            scvi-tools' totalVI defaults (4e-3, 256, 0.9, on, on). With ``train_size=1.0``
+            there is no validation set: early stopping and the learning-rate schedule then
+            watch the training ELBO.
+        n_steps_kl_warmup, n_epochs_kl_warmup
+            KL warm-up; default over ``0.75 * n_cells`` optimiser steps (scvi-tools).
+        **kwargs
+            Every other argument of :meth:`BaseModel.train`.
+        """
+        if n_steps_kl_warmup is None and n_epochs_kl_warmup is None:
+            n_steps_kl_warmup = int(0.75 * self.bind().n_obs)
+        super().train(
+            max_epochs, lr=lr, batch_size=batch_size, train_size=train_size, early_stopping=early_stopping,
+            reduce_lr_on_plateau=reduce_lr_on_plateau, n_steps_kl_warmup=n_steps_kl_warmup,
+            n_epochs_kl_warmup=n_epochs_kl_warmup, **kwargs,
+        )  # fmt: skip
+
+    # -- expression ------------------------------------------------------------------------------
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        transform_batch=None,
+        gene_list: Sequence[str] | None = None,
+        protein_list: Sequence[str] | None = None,
+        library_size: float | Literal["latent"] = 1,
+        n_samples: int = 1,
+        sample_protein_mixing: bool = False,
+        scale_protein: bool = False,
+        include_protein_background: bool = False,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+    ) -> tuple[pd.DataFrame, pd.DataFrame] | tuple[np.ndarray, np.ndarray]:
+        """Denoised RNA and protein expression per cell: ``(rna, protein)``.
+
+        Parameters
+        ----------
+        adata, indices
+            Cells to decode (default: the training AnnData, all cells).
+        transform_batch
+            ``None``: each cell in its own batch. A category (or code), or a list: decode every
+            cell in that batch (averaged over a list).
+        gene_list, protein_list
+            Genes / proteins to return (model order); default all.
+        library_size
+            RNA: a number scales the normalised frequencies (rows sum to it); ``'latent'``
+            gives the likelihood mean with the cell's library.
+        n_samples
+            Posterior draws per cell; averaged unless ``return_mean=False`` (then 3-D arrays).
+        sample_protein_mixing
+            Draw the background/foreground indicator instead of weighting by its probability.
+        scale_protein
+            Rescale each cell's protein values to sum to 1.
+        include_protein_background
+            Add the background part: the expected protein count rather than its foreground.
+
+        Proteins a cell's batch did not measure are imputed: decoded in the batches that measured
+        them (averaged). The protein values are ``(1 - pi) * foreground (+ pi * background)``,
+        where ``pi`` is the probability that a count is background.
+        """
+        check_positive_int(n_samples=n_samples)
+        bound, idx = self.select(adata, indices)
+        codes = self.batch_codes(transform_batch)
+        genes = self.gene_mask(gene_list)
+        proteins = self._protein_mask(protein_list)
+        if library_size != "latent" and not (isinstance(library_size, (int, float)) and library_size > 0):
+            msg = f"library_size must be a positive number or 'latent', got {library_size!r}."
+            raise ValueError(msg)
+        three_d = n_samples > 1 and not return_mean
+        rna_parts, protein_parts = [], []
+        with self.inference_mode():
+            for _, t in self.minibatches(bound, idx, batch_size):
+                rna, protein = self._expression(
+                    t, codes, n_samples, library_size, sample_protein_mixing, include_protein_background
+                )
+                if scale_protein:
+                    protein = protein / protein.sum(-1, keepdim=True)
+                if not three_d and n_samples > 1:
+                    rna, protein = rna.mean(0), protein.mean(0)
+                rna_parts.append(to_numpy(rna[..., torch.as_tensor(genes)]))
+                protein_parts.append(to_numpy(protein[..., torch.as_tensor(proteins)]))
+        axis = 1 if three_d else 0
+        rna = np.concatenate(rna_parts, axis=axis) if rna_parts else np.zeros((0, int(genes.sum())), np.float32)
+        protein = np.concatenate(protein_parts, axis=axis) if protein_parts else np.zeros((0, int(proteins.sum())))
+        if return_numpy or three_d:
+            return rna, protein
+        names = (adata if adata is not None else self.adata).obs_names[idx]
+        return (
+            pd.DataFrame(rna, index=names, columns=np.asarray(self.setup.genes)[genes]),
+            pd.DataFrame(protein, index=names, columns=np.asarray(self.setup.protein_names)[proteins]),
+        )
+
+    def get_protein_foreground_probability(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        transform_batch=None,
+        protein_list: Sequence[str] | None = None,
+        n_samples: int = 1,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+    ) -> pd.DataFrame | np.ndarray:
+        """Posterior probability that each protein count is foreground (``1 - pi``), per cell.
+
+        Imputed, as :meth:`get_normalized_expression`, for proteins a cell's batch did not measure.
+        """
+        check_positive_int(n_samples=n_samples)
+        bound, idx = self.select(adata, indices)
+        codes = self.batch_codes(transform_batch)
+        proteins = self._protein_mask(protein_list)
+        three_d = n_samples > 1 and not return_mean
+        parts = []
+        with self.inference_mode():
+            for _, t in self.minibatches(bound, idx, batch_size):
+                decoded = self._decoder(t, n_samples)
+                value = self._per_protein(t, codes, lambda code, d=decoded: 1 - torch.sigmoid(d(code)["mixing"]))
+                if not three_d and n_samples > 1:
+                    value = value.mean(0)
+                parts.append(to_numpy(value[..., torch.as_tensor(proteins)]))
+        out = np.concatenate(parts, axis=1 if three_d else 0) if parts else np.zeros((0, int(proteins.sum())))
+        if return_numpy or three_d:
+            return out
+        names = (adata if adata is not None else self.adata).obs_names[idx]
+        return pd.DataFrame(out, index=names, columns=np.asarray(self.setup.protein_names)[proteins])
+
+    def _expression(self, t, codes, n_samples, library_size, sample_mixing, include_background):
+        decoded = self._decoder(t, n_samples)
+        latent_lib = library_size == "latent"
+
+        def rna_in(code):
+            return decoded(code)["px_rate"] if latent_lib else decoded(code)["px_scale"] * float(library_size)
+
+        def protein_in(code):
+            gen = decoded(code)
+            background = torch.sigmoid(gen["mixing"])
+            if sample_mixing:
+                background = torch.bernoulli(background)
+            value = gen["rate_fore"] * (1 - background)
+            return value + gen["rate_back"] * background if include_background else value
+
+        rna = sum(rna_in(code) for code in codes) / len(codes)
+        return rna, self._per_protein(t, codes, protein_in)
+
+    def _decoder(self, t, n_samples: int):
+        """``decoded(code)``: the generative outputs of one posterior draw per cell (and sample),
+        decoded in batch ``code`` (``None``: the cell's own), each batch decoded once."""
+        inf = self.module.inference(t, n_samples=n_samples)
+        cache = {}
+
+        def decoded(code):
+            if code not in cache:  # the cell's own batch decodes the background drawn with z
+                background = inf["log_background"] if code is None else None
+                cache[code] = self.module.generative(
+                    inf["z"], inf["library"], t, transform_batch=code, log_background=background
+                )
+            return cache[code]
+
+        return decoded
+
+    def _per_protein(self, t, codes, value_in) -> torch.Tensor:
+        """Mean of ``value_in(code)`` over ``codes``, each protein over the batches that measured
+        it; where none of them did, over every batch that did (imputation)."""
+        measured = self.module.protein_mask.bool()
+        total = weight = None
+        for code in codes:
+            w = measured[t["batch"]] if code is None else measured[code].expand(len(t["batch"]), -1)
+            v = value_in(code)
+            total = v * w if total is None else total + v * w
+            weight = w.float() if weight is None else weight + w
+        if bool((weight == 0).any()):
+            fill_total = fill_weight = 0
+            for b in range(self.setup.n_batch):
+                if measured[b].any():
+                    fill_total = fill_total + value_in(b) * measured[b]
+                    fill_weight = fill_weight + measured[b].float()
+            imputed = fill_total / fill_weight.clamp(min=1)
+            return torch.where(weight > 0, total / weight.clamp(min=1), imputed)
+        return total / weight
+
+    def _protein_mask(self, protein_list) -> np.ndarray:
+        names = np.asarray(self.setup.protein_names)
+        if protein_list is None:
+            return np.ones(len(names), dtype=bool)
+        protein_list = [protein_list] if isinstance(protein_list, str) else list(protein_list)
+        unknown = sorted(set(protein_list) - set(names))
+        if unknown:
+            msg = f"protein_list has {len(unknown)} proteins the model does not know: {unknown[:10]}."
+            raise ValueError(msg)
+        return np.isin(names, protein_list)
+
+
+def background_prior(
+    Y: np.ndarray,
+    batch: np.ndarray,
+    measured: np.ndarray,
+    rng: np.random.Generator,
+    n_cells: int = BACKGROUND_PRIOR_CELLS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """scvi-tools' empirical prior of the protein background, (proteins, batches) mean and scale.
+
+    Per batch: for each of ``n_cells`` cells drawn with replacement, a two-component Gaussian
+    mixture on log1p of its measured protein counts; the lower component's mean and standard
+    deviation are that cell's background. The batch prior is the mean of the means and the
+    scale of the mean (root of the summed variances over ``n_cells``); it is shared by all
+    proteins. Batches with fewer than 5 measured proteins or no cells keep (0, 0.05).
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    n_batch = measured.shape[0]
+    means, scales = np.zeros(n_batch), np.full(n_batch, 0.05)
+    for b in range(n_batch):
+        rows = np.flatnonzero(batch == b)
+        if len(rows) == 0 or measured[b].sum() < 5:
+            continue
+        cells = Y[rng.choice(rows, size=n_cells)][:, measured[b]]
+        mus, sds = [], []
+        for counts in cells:
+            gmm = GaussianMixture(n_components=2, random_state=int(rng.integers(2**31)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ConvergenceWarning)
+                try:
+                    gmm.fit(np.log1p(counts).reshape(-1, 1))
+                except (ConvergenceWarning, ValueError):  # e.g. a cell with all counts equal
+                    mus.append(0.0)
+                    sds.append(0.05)
+                    continue
+            low = int(np.argmin(gmm.means_.ravel()))
+            mus.append(float(gmm.means_.ravel()[low]))
+            sds.append(float(np.sqrt(gmm.covariances_.ravel()[low])))
+        means[b] = np.mean(mus)
+        scales[b] = np.sqrt(np.sum(np.square(sds)) / n_cells**2)
+    n_proteins = Y.shape[1]
+    return np.tile(means, (n_proteins, 1)).astype(np.float32), np.tile(scales, (n_proteins, 1)).astype(np.float32)
