@@ -182,3 +182,29 @@ def test_protein_names_must_match_the_model(fitted):
     other.obsm["protein_expression"] = renamed
     with pytest.raises(ValueError, match="CD3_TotalSeqB"):
         model.get_latent_representation(other)
+
+
+def test_differential_expression_covers_genes_and_proteins(fitted):
+    import scanpy as sc
+
+    adata, model = fitted
+    data = adata.copy()
+    result = ss.tl.differential_expression(
+        data, groupby="cell_type", group1=["B", "monocytes"], model_key="totalvi", n_samples=500, inplace=False,
+        progress_bar=False,
+    )  # fmt: skip
+    proteins = list(adata.obsm["protein_expression"].columns)
+    b = result[result["group1"] == "B"]
+    assert set(proteins) <= set(b.index) and len(b) == adata.n_vars + len(proteins)
+    cd19 = next(p for p in proteins if p.startswith("CD19"))
+    cd14 = next(p for p in proteins if p.startswith("CD14"))
+    assert b.loc[cd19, "proba_up"] > 0.9 and b.loc[cd19, "lfc_mean"] > 1
+    mono = result[result["group1"] == "monocytes"]
+    assert mono.loc[cd14, "proba_up"] > 0.9 and mono.loc[cd19, "lfc_mean"] < b.loc[cd19, "lfc_mean"] - 1
+    assert b.loc[cd19, "raw_mean1"] > b.loc[cd19, "raw_mean2"]  # raw protein counts of each group
+    ss.tl.differential_expression(data, groupby="cell_type", group1="B", model=model, n_samples=300,
+                                  key_added="de", progress_bar=False)  # fmt: skip
+    top = sc.get.rank_genes_groups_df(data, "B", key="de")["names"].head(30).tolist()
+    assert cd19 in top
+    with pytest.raises(TypeError, match=r"needs a scanpy_scvi\.SCVI model"):
+        ss.tl.batch_corrected_counts(data, transform_batch="5k_pbmc_protein_v3", model=model)

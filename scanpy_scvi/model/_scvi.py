@@ -85,6 +85,17 @@ class SCVI(BaseModel):
             f"{a.gene_likelihood} likelihood, dispersion={a.dispersion!r}; trained: {self.is_trained}"
         )
 
+    # -- internal API of differential expression ------------------------------------------------
+    @property
+    def feature_names(self) -> list[str]:
+        """The features :meth:`decode_features` returns: the model genes."""
+        return self.setup.genes
+
+    def decode_features(self, z: torch.Tensor, tensors: dict[str, torch.Tensor], transform_batch=None) -> torch.Tensor:
+        """Normalised expression of one draw ``z`` per cell, decoded in batch ``transform_batch``
+        (a code; ``None``: the cell's own): the quantity DE compares."""
+        return self.module.expression(z, None, tensors, transform_batch=transform_batch)
+
     # -- latent library ------------------------------------------------------------------------
     def get_latent_library_size(
         self, adata: AnnData | None = None, indices=None, give_mean: bool = True, batch_size: int | None = None

@@ -96,7 +96,9 @@ def batch_corrected_counts(
         ``genes``.
     """
     key = _resolve_key(key_added, layer_added, expected)
-    model = resolve_model(adata, model, model_key)
+    from ..model import SCVI
+
+    model = resolve_model(adata, model, model_key, (SCVI,))
     genes = list(model.setup.genes)
     codes = model.batch_codes(transform_batch)
     if not (library_size in ("observed", "latent") or (isinstance(library_size, (int, float)) and library_size > 0)):

@@ -49,6 +49,8 @@ def differential_expression(
     random_state: int | None = 0,
     progress_bar: bool = True,
     batch_size: int | None = None,
+    protein_prior_count: float = 0.1,
+    include_protein_background: bool = False,
 ) -> pd.DataFrame | None:
     """Bayesian differential expression between groups of cells.
 
@@ -102,8 +104,9 @@ def differential_expression(
     n_samples
         Posterior samples per group (cells drawn with replacement, one z draw each).
     model
-        A fitted :class:`~scanpy_scvi.SCVI`. Default: the model ``pp.scvi`` stored in
-        ``adata.uns[model_key]['model']``.
+        A fitted :class:`~scanpy_scvi.SCVI`, :class:`~scanpy_scvi.SCANVI` or
+        :class:`~scanpy_scvi.TOTALVI`. Default: the model a ``pp`` function stored in
+        ``adata.uns[model_key]['model']`` (``model_key='totalvi'`` for ``pp.totalvi``).
     model_key
         ``uns`` key of the stored model.
     key_added
@@ -137,6 +140,11 @@ def differential_expression(
         Show a bar over the comparisons.
     batch_size
         Draws decoded per minibatch (default 256; cells encoded per minibatch as in the model).
+    protein_prior_count, include_protein_background
+        totalVI only: the features are the genes and then the proteins; the protein values are
+        the foreground expression (plus the background with ``include_protein_background``)
+        plus ``protein_prior_count`` (scvi-tools' defaults 0.1 and off). Proteins a cell's batch
+        did not measure are imputed, as in ``TOTALVI.get_normalized_expression``.
 
     Returns
     -------
@@ -175,13 +183,14 @@ def differential_expression(
 
     """
     _check_test_args(mode, delta, fdr_target, n_samples, rank_by)
-    model = resolve_model(adata, model, model_key)
+    model = resolve_model(adata, model, model_key, _de_models())
     comparisons = _comparisons(adata, groupby, group1, group2, idx1, idx2)
     start = logg.info(f"scVI differential expression ({mode} mode), {len(comparisons)} comparison(s)")
     result = run(
         adata, model, comparisons, mode=mode, delta=delta, fdr_target=fdr_target, pseudocounts=pseudocounts,
         codes1=_batch_codes(model, batch_correction, batchid1), codes2=_batch_codes(model, batch_correction, batchid2),
         n_samples=n_samples, random_state=random_state, progress_bar=progress_bar, batch_size=batch_size,
+        decode_options=_decode_options(model, protein_prior_count, include_protein_background),
     )  # fmt: skip
     if not inplace:
         logg.info("    finished", time=start)
@@ -222,6 +231,8 @@ def within_cluster_differential_expression(
     random_state: int | None = 0,
     progress_bar: bool = True,
     batch_size: int | None = None,
+    protein_prior_count: float = 0.1,
+    include_protein_background: bool = False,
 ) -> pd.DataFrame | None:
     """Within each cluster, compare two conditions (e.g. stimulated vs control).
 
@@ -246,7 +257,7 @@ def within_cluster_differential_expression(
         Clusters to test (default: all with enough cells).
     min_cells
         Minimum cells per condition in a cluster; smaller clusters are skipped with a log message.
-    mode, delta, fdr_target, pseudocounts, n_samples, model, model_key, rank_by, random_state, progress_bar, batch_size
+    mode, delta, fdr_target, pseudocounts, n_samples, model, model_key, rank_by, random_state, progress_bar, batch_size, protein_prior_count, include_protein_background
         As in :func:`differential_expression` (``rank_by='up'``: genes up in ``condition1``
         first).
     key_added
@@ -261,7 +272,7 @@ def within_cluster_differential_expression(
     ``'<cluster>: <condition1> vs <condition2>'``.
     """
     _check_test_args(mode, delta, fdr_target, n_samples, rank_by)
-    model = resolve_model(adata, model, model_key)
+    model = resolve_model(adata, model, model_key, _de_models())
     for key in (cluster_key, condition_key):
         if key not in adata.obs.columns:
             msg = f"{key!r} not found in adata.obs (columns: {list(adata.obs.columns)[:20]})."
@@ -288,7 +299,7 @@ def within_cluster_differential_expression(
     result = run(
         adata, model, comparisons, mode=mode, delta=delta, fdr_target=fdr_target, pseudocounts=pseudocounts,
         codes1=[None], codes2=[None], n_samples=n_samples, random_state=random_state, progress_bar=progress_bar,
-        batch_size=batch_size,
+        batch_size=batch_size, decode_options=_decode_options(model, protein_prior_count, include_protein_background),
     )  # fmt: skip
     result["comparison"] = [f"{g}: {condition1} vs {condition2}" for g in result["group1"]]
     if not inplace:
@@ -309,6 +320,22 @@ def within_cluster_differential_expression(
     )
     logg.info("    finished", time=start, deep=f"added\n    '{key_added}', DE results (adata.uns)")
     return None
+
+
+def _de_models() -> tuple[type, ...]:
+    from ..model import SCVI, TOTALVI
+
+    return (SCVI, TOTALVI)
+
+
+def _decode_options(model, protein_prior_count: float, include_protein_background: bool) -> dict:
+    """totalVI's protein options of the decoded features (none for RNA-only models)."""
+    if not model.setup.protein_names:
+        return {}
+    if not protein_prior_count >= 0:
+        msg = f"protein_prior_count must be >= 0, got {protein_prior_count}."
+        raise ValueError(msg)
+    return {"protein_prior_count": float(protein_prior_count), "include_protein_background": include_protein_background}
 
 
 def _params(model, mode, delta, fdr_target, n_samples, batch_correction, model_key, random_state) -> dict:

@@ -42,7 +42,7 @@ of per-gene posterior statistics per comparison, sorted by ``proba_de`` (change 
   through ``model.seeded``, restored after).
 
 The model is reached through its public API only (``bind``, ``seeded``, ``inference_mode``,
-``minibatches``, ``module``, ``setup``, ``device``).
+``minibatches``, ``module``, ``setup``, ``device``, ``feature_names``, ``decode_features``).
 """
 
 from __future__ import annotations
@@ -81,21 +81,23 @@ class Comparison:
 
 def run(
     adata, model, comparisons, *, mode, delta, fdr_target, pseudocounts, codes1, codes2, n_samples, random_state,
-    progress_bar, batch_size,
+    progress_bar, batch_size, decode_options=None,
 ) -> pd.DataFrame:  # fmt: skip
     """Sample both groups of every comparison and test; one DataFrame for all comparisons.
 
     ``codes1`` / ``codes2``: batch codes to decode each group in (``[None]``: each cell's own).
     Drawing and testing run as the two-stage pipeline of the module docstring: both stages
     take about as long, and neither waits on the other's OpenMP threads, which otherwise keep
-    spinning for milliseconds after every parallel operation.
+    spinning for milliseconds after every parallel operation. The features are the model's
+    ``feature_names`` (genes; for totalVI genes then proteins), decoded by
+    ``model.decode_features(z, tensors, code, **decode_options)``.
     """
     bound = model.bind(adata)  # checks genes and batches of adata against the model
     stats = _RawStats(bound)
     rng = np.random.default_rng(random_state)
     with model.seeded(random_state):
         cells = np.unique(np.concatenate([c for comp in comparisons for c in (comp.cells1, comp.cells2)]))
-        sampler = _PosteriorSampler(model, bound, cells, batch_size)
+        sampler = _PosteriorSampler(model, bound, cells, batch_size, decode_options or {})
         group1 = _Draws(sampler, codes1, n_samples, rng)
         group2 = _Group2Draws(sampler, comparisons, codes2, n_samples, rng)
         work = _WorkBuffers()
@@ -115,7 +117,7 @@ def run(
             return comp, s1, s2, raw1, raw2, _pseudocount(s1, s2, raw1, raw2, pseudocounts, max1)
 
         def test(comp, s1, s2, raw1, raw2, pc) -> pd.DataFrame:
-            return _compare(s1, s2, raw1, raw2, pc, model.setup.genes, mode, delta, fdr_target, comp, work)
+            return _compare(s1, s2, raw1, raw2, pc, model.feature_names, mode, delta, fdr_target, comp, work)
 
         n_threads = torch.get_num_threads()
         steps = tqdm(range(len(comparisons)), desc="DE", unit="comparison", disable=not progress_bar)
@@ -146,9 +148,9 @@ DRAW_BATCH = 256  # draws decoded at a time (default of ``batch_size``)
 class _PosteriorSampler:
     """Normalised expression of posterior draws of chosen cells, each encoded once here."""
 
-    def __init__(self, model: SCVI, bound: BoundData, cells: np.ndarray, batch_size: int | None):
-        self.model, self.bound = model, bound
-        self.n_genes = bound.source.n_vars
+    def __init__(self, model: SCVI, bound: BoundData, cells: np.ndarray, batch_size: int | None, options: dict):
+        self.model, self.bound, self.options = model, bound, options
+        self.n_genes = len(model.feature_names)  # genes (and, for totalVI, proteins)
         self.batch_size = batch_size or DRAW_BATCH
         self.row = np.full(bound.n_obs, -1, dtype=np.int64)
         self.row[cells] = np.arange(len(cells))
@@ -169,14 +171,14 @@ class _PosteriorSampler:
         """One draw per entry of ``cells`` (repeats allowed), decoded in batch ``code`` (``None``:
         the cell's own), written into the columns of ``out``; ``maxima`` (genes,), if given,
         is raised to the per-gene maximum of the draws while they are in cache."""
-        module, obs, device = self.model.module, self.bound.source.obs, self.model.device
+        model, obs, device = self.model, self.bound.source.obs, self.model.device
         with self.model.inference_mode():
             for start in range(0, len(cells), self.batch_size):
                 chunk = cells[start : start + self.batch_size]
                 rows = torch.as_tensor(self.row[chunk], device=device)
                 covariates = {key: torch.as_tensor(v[chunk], device=device) for key, v in obs.items()}
-                z = module.sample_z(self.qz_m[rows], self.qz_v[rows])
-                freq = module.expression(z, None, covariates, transform_batch=code)
+                z = model.module.sample_z(self.qz_m[rows], self.qz_v[rows])
+                freq = model.decode_features(z, covariates, code, **self.options)
                 out[:, start : start + len(chunk)] = freq.T
                 if maxima is not None:
                     torch.maximum(maxima, freq.amax(0), out=maxima)
@@ -353,11 +355,17 @@ class _RawStats:
         self._all: np.ndarray | None = None
 
     def _sums(self, cells: np.ndarray, chunk: int = 4096) -> np.ndarray:
-        """(3, genes): summed counts, nonzero indicators and counts scaled to 1e4 per cell.
+        """(3, features): summed counts, nonzero indicators and counts scaled to 1e4 per cell
+        (proteins, for totalVI, after the genes: scaled by the cell's protein total).
 
         CSR counts are summed over their stored entries (no dense block is built)."""
         n_genes = self.bound.source.n_vars
         sums = np.zeros((3, n_genes))
+        proteins = self.bound.source.obs.get("Y")
+        if proteins is not None:
+            Y = proteins[cells].astype(np.float64)
+            scaled = Y * (1e4 / np.maximum(Y.sum(1, keepdims=True), 1.0))
+            protein_sums = np.stack([Y.sum(0), (Y > 0).sum(0), scaled.sum(0)])
         for start in range(0, len(cells), chunk):
             rows = cells[start : start + chunk]
             X = self.bound.source.get(rows, sparse=True)["X"]
@@ -371,7 +379,7 @@ class _RawStats:
             else:
                 X = X.numpy().astype(np.float64)
                 sums += (X.sum(0), (X > 0).sum(0), (X * scale[:, None]).sum(0))
-        return sums
+        return sums if proteins is None else np.concatenate([sums, protein_sums], axis=1)
 
     def total(self) -> np.ndarray:
         if self._all is None:

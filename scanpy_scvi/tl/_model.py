@@ -7,16 +7,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from ..model import SCVI
+    from ..model import BaseModel
 
 
-def resolve_model(adata: AnnData, model: SCVI | None, model_key: str) -> SCVI:
-    """``model`` if given, checked against ``adata``; else the one ``pp.scvi`` stored in ``adata``."""
-    from ..model import SCVI
+def resolve_model(adata: AnnData, model: BaseModel | None, model_key: str, kinds: tuple[type, ...]) -> BaseModel:
+    """``model`` if given, else the one a ``pp`` function stored in ``adata.uns[model_key]``;
+    it must be one of ``kinds``."""
+    from ..model import BaseModel
 
     if model is None:
-        return SCVI.from_anndata(adata, key=model_key)
-    if not isinstance(model, SCVI):
-        msg = f"model must be a scanpy_scvi.SCVI, got {type(model).__name__}."
+        model = BaseModel.from_anndata(adata, key=model_key)
+    if not isinstance(model, kinds):
+        names = " or ".join(f"scanpy_scvi.{k.__name__}" for k in kinds)
+        msg = f"This function needs a {names} model, got {type(model).__name__}."
         raise TypeError(msg)
     return model
