@@ -100,21 +100,28 @@ def _transfer(ref: nn.Module, new: nn.Module, old_sizes, new_sizes) -> dict[str,
     The mask of a grown tensor marks its new-category entries (the only ones that learn).
     """
     ref_state, new_state = ref.state_dict(), new.state_dict()
+    buffers = {k for k, _ in new.named_buffers()}
     w_old, w_new = _widths(old_sizes), _widths(new_sizes)
     n_batch_old, n_batch_new = old_sizes[0], new_sizes[0]
     masks: dict[str, torch.Tensor] = {}
     out = {}
     for key, fresh in new_state.items():
         old = ref_state[key]
+        per_batch = _batch_axis(key, old, fresh, n_batch_old, n_batch_new)
         if old.shape == fresh.shape:
             out[key] = old.clone()
-        elif key.endswith(("library_log_means", "library_log_vars")):  # new batches: the query's prior
-            out[key] = torch.cat([old, fresh[:, n_batch_old:]], dim=1)
-        elif key == "log_theta":  # gene-batch dispersion: new batches start at the mean over batches
-            grown = torch.cat([old, old.mean(dim=1, keepdim=True).expand(-1, n_batch_new - n_batch_old)], dim=1)
-            out[key] = grown
-            masks[key] = torch.zeros_like(grown, dtype=torch.bool)
-            masks[key][:, n_batch_old:] = True
+        elif per_batch is not None and key in buffers:
+            # data-derived (library prior, measured proteins): the new batches' come from the query
+            out[key] = torch.cat([old, fresh.narrow(per_batch, n_batch_old, n_batch_new - n_batch_old)], per_batch)
+        elif per_batch is not None:
+            # a learned per-batch parameter (dispersion, protein background prior): new batches
+            # start at the mean over the reference's batches, and only they learn
+            start = old.mean(dim=per_batch, keepdim=True).expand_as(
+                fresh.narrow(per_batch, 0, n_batch_new - n_batch_old)
+            )
+            out[key] = torch.cat([old, start], dim=per_batch)
+            masks[key] = torch.zeros_like(out[key], dtype=torch.bool)
+            masks[key].narrow(per_batch, n_batch_old, n_batch_new - n_batch_old).fill_(True)
         elif old.dim() == 2 and fresh.shape[1] - old.shape[1] == sum(w_new) - sum(w_old):
             out[key], masks[key] = _grow_covariate_columns(old, fresh, old_sizes, new_sizes)
         else:  # pragma: no cover - a module change without a matching rule here
@@ -122,6 +129,20 @@ def _transfer(ref: nn.Module, new: nn.Module, old_sizes, new_sizes) -> dict[str,
             raise RuntimeError(msg)
     new.load_state_dict(out)
     return masks
+
+
+def _batch_axis(key: str, old, fresh, n_batch_old: int, n_batch_new: int) -> int | None:
+    """The batch axis of a module-level per-batch tensor (``log_theta`` (genes, batches),
+    ``protein_mask`` (batches, proteins), ...) that grows with the new batches; None otherwise.
+    Layer weights (dotted names) grow by their covariate columns instead."""
+    if "." in key or old.dim() != fresh.dim() or n_batch_new == n_batch_old:
+        return None
+    for axis in (old.dim() - 1, 0):
+        if old.shape[axis] == n_batch_old and fresh.shape[axis] == n_batch_new:
+            rest_old = old.shape[:axis] + old.shape[axis + 1 :]
+            if rest_old == fresh.shape[:axis] + fresh.shape[axis + 1 :]:
+                return axis
+    return None
 
 
 def _grow_covariate_columns(old, fresh, old_sizes, new_sizes) -> tuple[torch.Tensor, torch.Tensor]:
