@@ -41,10 +41,22 @@ def protein_names_of(adata: AnnData, obsm_key: str, names_uns_key: str | None) -
 
 
 def read_proteins(
-    adata: AnnData, obsm_key: str, names: list[str], names_uns_key: str | None, *, check_counts: bool
+    adata: AnnData,
+    obsm_key: str,
+    names: list[str],
+    names_uns_key: str | None,
+    *,
+    check_counts: bool,
+    allow_missing: bool = False,
 ) -> np.ndarray:
     """``adata.obsm[obsm_key]`` as float32 (cells, proteins) in the order of ``names``, checked:
-    the same proteins (by name), finite, non-negative and (``check_counts``) integer."""
+    the same proteins (by name), finite, non-negative and (``check_counts``) integer.
+
+    ``allow_missing`` (a query mapped onto a reference): proteins the AnnData lacks, or all of
+    them when it has no protein counts, read as zeros; the model then treats them as not
+    measured in the query's batches and imputes them."""
+    if allow_missing and obsm_key not in adata.obsm:
+        return np.zeros((adata.n_obs, len(names)), dtype=np.float32)
     values = _obsm(adata, obsm_key)
     where = f"adata.obsm[{obsm_key!r}]"
     if isinstance(values, pd.DataFrame):
@@ -56,6 +68,8 @@ def read_proteins(
     else:
         have = [f"protein_{i}" for i in range(values.shape[1])]
     missing = [n for n in names if n not in have]
+    if missing and allow_missing:
+        return _with_zeros(values, have, names, where, check_counts)
     if missing:
         msg = (
             f"{where} lacks {len(missing)} of the model's {len(names)} proteins: {missing[:10]} (it has "
@@ -64,11 +78,14 @@ def read_proteins(
         raise ValueError(msg)
     matrix = values.to_numpy() if isinstance(values, pd.DataFrame) else values
     matrix = matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+    return _checked(matrix[:, pd.Index(have).get_indexer(names)], where, check_counts)
+
+
+def _checked(matrix: np.ndarray, where: str, check_counts: bool) -> np.ndarray:
     if not np.issubdtype(matrix.dtype, np.number) or np.issubdtype(matrix.dtype, np.complexfloating):
         msg = f"{where} has dtype {matrix.dtype}; totalVI needs numeric raw protein counts."
         raise TypeError(msg)
-    order = pd.Index(have).get_indexer(names)
-    Y = np.asarray(matrix[:, order], dtype=np.float32)
+    Y = np.asarray(matrix, dtype=np.float32)
     if not np.all(np.isfinite(Y)):
         msg = f"{where} contains NaN or infinite values; totalVI needs raw protein counts."
         raise ValueError(msg)
@@ -81,6 +98,17 @@ def read_proteins(
             "antibody counts; pass them, or `check_counts=False` if they are legitimately non-integer."
         )
         raise ValueError(msg)
+    return Y
+
+
+def _with_zeros(values, have: list[str], names: list[str], where: str, check_counts: bool) -> np.ndarray:
+    """The proteins of ``names`` present in ``values`` read and checked, the others zero."""
+    present = [n for n in names if n in have]
+    frame = values if isinstance(values, pd.DataFrame) else pd.DataFrame(np.asarray(values), columns=have)
+    Y = np.zeros((frame.shape[0], len(names)), dtype=np.float32)
+    if present:
+        checked = _checked(frame[present].to_numpy(), where, check_counts)
+        Y[:, [names.index(n) for n in present]] = checked
     return Y
 
 

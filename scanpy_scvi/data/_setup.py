@@ -47,6 +47,8 @@ class DataSetup:
     protein_expression_obsm_key: str | None = None
     protein_names_uns_key: str | None = None
     protein_names: list[str] = field(default_factory=list)
+    # reference mapping: proteins an AnnData lacks read as zeros (not measured in its batches)
+    allow_missing_proteins: bool = False
 
     # -- construction -----------------------------------------------------------------
     @classmethod
@@ -170,7 +172,7 @@ class DataSetup:
         if self.protein_expression_obsm_key is not None:
             obs["Y"] = read_proteins(
                 adata, self.protein_expression_obsm_key, self.protein_names, self.protein_names_uns_key,
-                check_counts=self.check_counts,
+                check_counts=self.check_counts, allow_missing=self.allow_missing_proteins,
             )  # fmt: skip
         X = adata.layers[self.layer] if self.layer is not None else adata.X
         present = gene_idx >= 0
