@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from .._settings import check_positive_int, keyword_settings, split_settings
 from ..data import BoundData, DataSetup, SetupArguments, measured_proteins
 from ..nn import TOTALVAE, TOTALVIArchitecture, to_numpy
+from . import _totalvi_outputs as outputs
 from ._base import BaseModel
 
 if TYPE_CHECKING:
@@ -265,6 +267,182 @@ class TOTALVI(BaseModel):
         names = (adata if adata is not None else self.adata).obs_names[idx]
         return pd.DataFrame(out, index=names, columns=np.asarray(self.setup.protein_names)[proteins])
 
+    # -- the generative model: parameters, samples, correlations ------------------------------
+    def get_likelihood_parameters(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        batch_size: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Parameters of p(x, y | z, l, beta) per cell, decoded in the cell's own batch.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Cells (default: the training AnnData, all cells), run in minibatches of ``batch_size``.
+        n_samples
+            Posterior draws of (z, l, log beta) per cell.
+        give_mean
+            With ``n_samples > 1``, average the draws; otherwise they are stacked.
+
+        Returns
+        -------
+        Arrays (cells, genes) for RNA, as :meth:`SCVI.get_likelihood_parameters`: ``mean`` (the
+        NB mean, library x frequencies), ``dispersions`` (theta) and, for ZINB, ``dropout``
+        (zero-inflation probability); (cells, proteins) for proteins: ``background_mean``
+        (beta), ``foreground_mean`` (beta alpha), ``protein_dispersions`` (phi) and ``mixing``
+        (the probability that a count is background, sigmoid of the logits). (samples, cells,
+        features) with ``n_samples > 1`` and not ``give_mean``. scvi-tools' TOTALVI has no
+        such method. Proteins a cell's batch did not measure get the decoder's values in that
+        batch, which no count constrained.
+        """
+        self._check_sizes(n_samples=n_samples, batch_size=batch_size)
+        bound, idx = self.select(adata, indices)
+        return outputs.likelihood_parameters(self, bound, idx, n_samples, give_mean, batch_size)
+
+    def posterior_predictive_sample(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        n_samples: int = 1,
+        gene_list: Sequence[str] | None = None,
+        protein_list: Sequence[str] | None = None,
+        batch_size: int | None = None,
+    ) -> sp.csr_matrix | np.ndarray:
+        """Counts drawn from the posterior predictive p(x', y' | x, y), genes then proteins.
+
+        Each sample draws (z, l, log beta) from the posterior, then RNA counts from the NB (or
+        ZINB) and protein counts from the background/foreground NB mixture, with torch's global
+        RNG (seed it, or use ``model.seeded(...)``, to reproduce).
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Cells (default: the training AnnData, all cells), run in minibatches of ``batch_size``.
+        n_samples
+            Draws per cell.
+        gene_list, protein_list
+            Genes / proteins to return (model order); default all of each.
+
+        Returns
+        -------
+        The columns of scvi-tools' ``TOTALVI.posterior_predictive_sample``: the genes, then the
+        proteins. One sample: a sparse CSR matrix (cells, genes + proteins), as
+        :meth:`SCVI.posterior_predictive_sample`, so ``x[:, :n_genes]`` fits ``adata.layers``;
+        several: a dense array (cells, genes + proteins, samples). Integer-valued float32.
+        Proteins a cell's batch did not measure are drawn from the decoder in that batch.
+        """
+        self._check_sizes(n_samples=n_samples, batch_size=batch_size)
+        bound, idx = self.select(adata, indices)
+        genes, proteins = self.gene_mask(gene_list), self._protein_mask(protein_list)
+        return outputs.posterior_predictive_sample(self, bound, idx, n_samples, genes, proteins, batch_size)
+
+    def get_feature_correlation_matrix(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        n_samples: int = 10,
+        batch_size: int = 64,
+        rna_size_factor: int = 1000,
+        transform_batch=None,
+        correlation_type: Literal["spearman", "pearson"] = "spearman",
+        log_transform: bool = False,
+    ) -> pd.DataFrame:
+        """Correlations between all genes and proteins of denoised samples (scvi-tools' semantics).
+
+        For each cell, ``n_samples`` posterior draws are decoded; RNA is drawn from
+        Gamma(theta, theta / (``rna_size_factor`` x frequencies)), a protein from Gamma(phi,
+        phi / foreground rate), set to 0 where a Bernoulli draw of the background probability
+        says background. Correlations are over all cells x samples; for a list
+        ``transform_batch``, averaged over the batches.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Cells (default: the training AnnData, all cells), run in minibatches of ``batch_size``.
+        n_samples
+            Posterior draws per cell.
+        rna_size_factor
+            Library the RNA frequencies are scaled to before the Gamma draw.
+        transform_batch
+            ``None``: each cell in its own batch; a category (or code): every cell in that batch;
+            a list: one matrix per batch, averaged.
+        correlation_type
+            ``'spearman'`` (needs all cells x ``n_samples`` draws in memory; pass ``indices`` on
+            large data) or ``'pearson'`` (accumulated in minibatches).
+        log_transform
+            Correlate log(RNA + 1e-8) and log1p(protein) instead.
+
+        Returns
+        -------
+        DataFrame (genes + proteins) x (genes + proteins), model genes then proteins. Proteins
+        the decoding batch did not measure come from the decoder's extrapolation there.
+        """
+        self._check_sizes(n_samples=n_samples, batch_size=batch_size)
+        if correlation_type not in ("spearman", "pearson"):
+            msg = f"correlation_type must be 'spearman' or 'pearson', got {correlation_type!r}."
+            raise ValueError(msg)
+        if isinstance(rna_size_factor, bool) or not (isinstance(rna_size_factor, (int, float)) and rna_size_factor > 0):
+            msg = f"rna_size_factor must be a positive number, got {rna_size_factor!r}."
+            raise ValueError(msg)
+        bound, idx = self.select(adata, indices)
+        if len(idx) == 0:
+            msg = "get_feature_correlation_matrix needs at least one cell."
+            raise ValueError(msg)
+        codes = self.batch_codes(transform_batch)
+        corr = outputs.feature_correlation(
+            self, bound, idx, codes, n_samples, batch_size, rna_size_factor, correlation_type, log_transform
+        )
+        names = [*self.setup.genes, *self.setup.protein_names]
+        return pd.DataFrame(corr, index=names, columns=names)
+
+    # -- model fit -------------------------------------------------------------------------------
+    def get_marginal_ll(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        n_mc_samples: int = 1000,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+    ) -> float | np.ndarray:
+        """Importance-sampled log p(x, y) (higher is better): the mean over cells, or per cell.
+
+        The proposal is the posterior q(z, l, log beta | x, y); the priors are N(0, I) for z,
+        the per-batch library prior (learned library only) and N(c_ts, d_ts^2) for the log
+        background of protein t in batch s, over the proteins the cell's batch measured. At
+        least the ELBO in expectation (:meth:`get_elbo`), approaching log p(x, y) as
+        ``n_mc_samples`` grows. Uses torch's global RNG.
+        """
+        self._check_sizes(n_mc_samples=n_mc_samples, batch_size=batch_size)
+        bound, idx = self.select(adata, indices)
+        out = np.empty(len(idx), dtype=np.float64)
+        with self.inference_mode():
+            for rows, t in self.minibatches(bound, idx, batch_size or 128):
+                out[rows] = to_numpy(self.module.marginal_ll(t, n_mc_samples))
+        return float(out.mean()) if return_mean else out
+
+    def get_reconstruction_error(
+        self, adata: AnnData | None = None, indices=None, batch_size: int | None = None
+    ) -> dict[str, float]:
+        """Mean negative log-likelihood per cell (lower is better), from one posterior draw.
+
+        ``reconstruction_loss``: RNA and proteins together (the key of every model);
+        ``reconst_loss_gene`` and ``reconst_loss_protein``: the two parts (scvi-tools' keys).
+        Proteins a cell's batch did not measure are not counted.
+        """
+        self._check_sizes(batch_size=batch_size)
+        bound, idx = self.select(adata, indices)
+        if len(idx) == 0:
+            msg = "get_reconstruction_error needs at least one cell."
+            raise ValueError(msg)
+        return outputs.reconstruction_error(self, bound, idx, batch_size)
+
+    @staticmethod
+    def _check_sizes(**values) -> None:
+        check_positive_int(**{k: v for k, v in values.items() if v is not None})
+
     def _expression(self, t, codes, n_samples, library_size, sample_mixing, include_background):
         decoded = self._decoder(t, n_samples)
         latent_lib = library_size == "latent"
@@ -298,6 +476,41 @@ class TOTALVI(BaseModel):
             return cache[code]
 
         return decoded
+
+    # -- internal API of differential expression ------------------------------------------------
+    @property
+    def feature_names(self) -> list[str]:
+        """The features :meth:`decode_features` returns: the genes, then the proteins."""
+        return [*self.setup.genes, *self.setup.protein_names]
+
+    def decode_features(
+        self,
+        z: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+        transform_batch=None,
+        *,
+        protein_prior_count: float = 0.1,
+        include_protein_background: bool = False,
+    ) -> torch.Tensor:
+        """RNA frequencies and protein expression (foreground, plus background if asked, plus
+        ``protein_prior_count``; imputed where the batch did not measure a protein) of one draw
+        ``z`` per cell, decoded in batch ``transform_batch``: the quantities DE compares."""
+        library = torch.zeros((*z.shape[:-1], 1), dtype=z.dtype, device=z.device)  # frequencies need none
+        cache = {}
+
+        def decoded(code):
+            if code not in cache:
+                cache[code] = self.module.generative(z, library, tensors, transform_batch=code)
+            return cache[code]
+
+        def protein_in(code):
+            gen = decoded(code)
+            background = torch.sigmoid(gen["mixing"])
+            value = gen["rate_fore"] * (1 - background)
+            return value + gen["rate_back"] * background if include_protein_background else value
+
+        protein = self._per_protein(tensors, [transform_batch], protein_in)
+        return torch.cat([decoded(transform_batch)["px_scale"], protein + protein_prior_count], dim=-1)
 
     def _per_protein(self, t, codes, value_in) -> torch.Tensor:
         """Mean of ``value_in(code)`` over ``codes``, each protein over the batches that measured
