@@ -180,9 +180,13 @@ def test_loss_keys_shapes_and_weights():
     torch.testing.assert_close(
         out["reconstruction_loss"], out["reconstruction_loss_gene"] + out["reconstruction_loss_protein"]
     )
-    # the warm-up weight multiplies the z and background KL (here kl_l is the background KL only)
+    # the warm-up weight multiplies the protein reconstruction, the z and background KL (here
+    # kl_l is the background KL only) and the mixing penalty, as scvi-tools 1.4
+    _, gen = _seeded_forward(m, t, 1)
+    penalty = -1e-3 * torch.nn.functional.logsigmoid(gen["mixing"]).sum(-1)
     expected = (
-        out["reconstruction_loss_gene"] + 0.5 * out["reconstruction_loss_protein"] + 0.3 * (out["kl_z"] + out["kl_l"])
+        out["reconstruction_loss_gene"]
+        + 0.3 * (0.5 * out["reconstruction_loss_protein"] + out["kl_z"] + out["kl_l"] + penalty)
     ).mean()
     torch.testing.assert_close(out["loss"], expected)
     assert (out["kl_z"] >= 0).all() and (out["kl_l"] >= 0).all()

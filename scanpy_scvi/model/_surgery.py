@@ -59,7 +59,8 @@ def query_model(
         )
     ]
     labels = {}
-    if ref_setup.unlabeled_category is not None or reference.architecture.dispersion != "gene-label":
+    per_label = any(str(v).endswith("-label") for v in reference.architecture.to_dict().values())  # a dispersion
+    if ref_setup.unlabeled_category is not None or not per_label:
         labels = {"labels_key": None}  # query cells are unlabelled; the label codes are not used otherwise
     setup = dataclasses.replace(
         ref_setup,
@@ -69,6 +70,7 @@ def query_model(
             c + n for c, n in zip(ref_setup.categorical_covariate_categories, new_cov, strict=True)
         ],
         max_missing_genes=float(max_missing_genes),
+        allow_missing_proteins=bool(ref_setup.protein_names),  # a smaller panel, or RNA only
         **labels,
     )
     model = type(reference)._assembled(
@@ -183,7 +185,7 @@ def _freeze(
     for name, m in module.named_modules():
         if isinstance(m, nn.BatchNorm1d):
             m.momentum = 0.0
-            decoder = name.startswith(("decoder.", "scale_decoder.", "dropout_decoder."))
+            decoder = "decoder" in name.split(".")[0]  # decoder, scale_decoder, rna_decoder, ...
             if decoder and not freeze_batchnorm_decoder:
                 trainable.update(f"{name}.{p}" for p in ("weight", "bias"))
     for name, p in module.named_parameters():

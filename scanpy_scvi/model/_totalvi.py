@@ -82,27 +82,33 @@ class TOTALVI(BaseModel):
         )  # fmt: skip
         self._assemble(setup, architecture, adata=adata, random_state=random_state)
         Y, batch = self._bound.source.obs["Y"], self._bound.source.obs["batch"]
-        measured = np.ones((setup.n_batch, len(setup.protein_names)), dtype=bool)
-        if not override_missing_proteins:
-            measured = measured_proteins(Y, batch, setup.n_batch)
-            for b, c in enumerate(setup.batch_categories):
-                if not measured[b].all():
-                    missing = list(np.asarray(setup.protein_names)[~measured[b]])
-                    warnings.warn(
-                        f"Batch {c!r} has no count of {len(missing)} proteins ({missing[:5]}): treated as not "
-                        "measured there (left out of its likelihood, imputed in outputs). Pass "
-                        "override_missing_proteins=True if they were measured and are truly zero.",
-                        UserWarning,
-                        stacklevel=2,
-                    )
-        self.module.set_protein_mask(measured)
+        measured = self.module.protein_mask.bool().numpy()
+        if override_missing_proteins:
+            measured = np.ones_like(measured)
+            self.module.set_protein_mask(measured)
+        for b, c in enumerate(setup.batch_categories):
+            if not measured[b].all():
+                missing = list(np.asarray(setup.protein_names)[~measured[b]])
+                warnings.warn(
+                    f"Batch {c!r} has no count of {len(missing)} proteins ({missing[:5]}): treated as not "
+                    "measured there (left out of its likelihood, imputed in outputs). Pass "
+                    "override_missing_proteins=True if they were measured and are truly zero.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         if empirical_protein_background_prior is None:
             empirical_protein_background_prior = len(setup.protein_names) > 10
         if empirical_protein_background_prior:
             mean, scale = background_prior(Y, batch, measured, np.random.default_rng(random_state))
             self.module.set_background_prior(mean, scale)
-        if not architecture.use_observed_lib_size:
-            self._init_library_prior(self._bound)
+
+    def _assemble(self, setup, architecture, *, adata=None, state=None, **kwargs) -> None:
+        super()._assemble(setup, architecture, adata=adata, state=state, **kwargs)
+        if state is None and adata is not None:  # fresh weights on data (a new model, or a query's)
+            source = self._bound.source
+            self.module.set_protein_mask(measured_proteins(source.obs["Y"], source.obs["batch"], setup.n_batch))
+            if not architecture.use_observed_lib_size:
+                self._init_library_prior(self._bound)
 
     def _init_library_prior(self, bound: BoundData) -> None:
         log_lib = np.log(bound.library)

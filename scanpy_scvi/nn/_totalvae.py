@@ -40,10 +40,16 @@ from ._vae import GaussianEncoder, _kl_normal, _kl_normal_std, _log_normal, _rsa
 LOG_LIBRARY_MAX = 15.0  # a sampled log library is clamped here, as in the reference
 BACKGROUND_EPS = 1e-8  # added to the background posterior's standard deviation (reference)
 FOREGROUND_EPS = 1e-8  # alpha = 1 + ReLU(.) + 1e-8 > 1 (reference)
+MIXING_PENALTY = 1e-3  # scvi-tools 1.4: -1e-3 log P(background) per protein keeps the background alive
+BACKGROUND_PRIOR_START = (3.0, 0.0)  # scvi-tools 1.4: prior mean and log scale before training
 
 
 class TOTALVAE(nn.Module):
-    """The totalVI module: one encoder of log1p(RNA) and log1p(protein), four decoder networks.
+    """The totalVI module: one encoder of RNA and protein counts, four decoder networks.
+
+    The encoder reads ``log1p(x / (1 + mean_g x))`` and ``log1p(y / (1 + mean_t y))`` (each
+    cell's counts over one plus their mean, as scvi-tools 1.4), so that its input does not
+    follow the sequencing depth.
 
     The decoder follows the reference ``DecoderTOTALVI``: four ``FCLayers`` trunks of
     ``(z, continuous covariates)`` with the categorical covariates injected (RNA, protein
@@ -154,10 +160,11 @@ class TOTALVAE(nn.Module):
         shape = (n_proteins, protein_cols) if protein_cols else (n_proteins,)
         self.protein_log_theta = nn.Parameter(2 * torch.rand(*shape))  # theta = exp(.) in [1, e^2)
 
-        # log-normal prior of the protein background per protein and batch (random, as the
-        # reference without an empirical prior; see set_background_prior)
-        self.background_pro_alpha = nn.Parameter(torch.randn(n_proteins, n_batch))
-        self.background_pro_log_beta = nn.Parameter(torch.clamp(torch.randn(n_proteins, n_batch), -10, 1))
+        # log-normal prior of the protein background per protein and batch (scvi-tools 1.4's
+        # start without an empirical prior; see set_background_prior)
+        mean, log_scale = BACKGROUND_PRIOR_START
+        self.background_pro_alpha = nn.Parameter(torch.full((n_proteins, n_batch), mean))
+        self.background_pro_log_beta = nn.Parameter(torch.full((n_proteins, n_batch), log_scale))
 
     # -- set-up from data -------------------------------------------------------------------
     @torch.no_grad()
@@ -244,7 +251,7 @@ class TOTALVAE(nn.Module):
         if x.layout == torch.sparse_csr:
             x = x.to_dense()
         y = tensors["Y"]
-        enc_in = torch.cat([torch.log1p(x), torch.log1p(y)], dim=-1)
+        enc_in = torch.cat([_depth_free_log(x), _depth_free_log(y)], dim=-1)
         cov = None
         if self.encode_covariates:
             cont = tensors.get("cont_covs")
@@ -458,11 +465,13 @@ class TOTALVAE(nn.Module):
         - ``kl_l`` = KL(N(ql_m, ql_v) || N(library_log_means_s, library_log_vars_s)) (0 with the
           observed library) + :meth:`background_kl` (the masked background KL).
 
-        ``loss`` = mean over cells of [recon_gene + ``pro_recons_weight`` * recon_protein +
-        ``kl_weight`` * (kl_z + kl_background) + kl_library]: the warm-up weight multiplies the
-        z and background KLs, not the library KL (reference). ``reconstruction_loss + kl_z +
-        kl_l`` is the negative ELBO whatever the weights. The reference adds no other term
-        (no penalty on the mixing logits in its module, training plan or older trainers).
+        ``loss`` = mean over cells of [recon_gene + ``kl_weight`` * (``pro_recons_weight`` *
+        recon_protein + kl_z + kl_background + penalty) + kl_library], as scvi-tools 1.4: the
+        warm-up weight multiplies the protein reconstruction, the z and background KLs and
+        ``penalty`` = -1e-3 * sum_t log sigmoid(mixing_nt), which keeps every protein's
+        background probability away from 0; not the RNA terms or the library KL.
+        ``reconstruction_loss + kl_z + kl_l`` is the negative ELBO whatever the weights (the
+        penalty is not part of it).
         """
         inf = self.inference(tensors)
         gen = self.generative(inf["z"], inf["library"], tensors, log_background=inf["log_background"])
@@ -476,8 +485,9 @@ class TOTALVAE(nn.Module):
             prior_m = self.library_log_means[0, batch].unsqueeze(-1)
             prior_v = self.library_log_vars[0, batch].unsqueeze(-1)
             kl_library = _kl_normal(inf["ql_m"], inf["ql_v"], prior_m, prior_v).sum(-1)
+        penalty = -MIXING_PENALTY * F.logsigmoid(gen["mixing"]).sum(-1)
         loss = torch.mean(
-            recon_gene + pro_recons_weight * recon_protein + kl_weight * (kl_z + kl_background) + kl_library
+            recon_gene + kl_weight * (pro_recons_weight * recon_protein + kl_z + kl_background + penalty) + kl_library
         )
         return {
             "loss": loss,
@@ -532,3 +542,8 @@ class TOTALVAE(nn.Module):
                 log_w = log_w + (_log_normal(lib, lib_m, lib_v) - _log_normal(lib, inf["ql_m"], inf["ql_v"])).sum(-1)
             chunks.append(log_w)
         return torch.logsumexp(torch.cat(chunks, dim=0), dim=0) - math.log(n_mc_samples)
+
+
+def _depth_free_log(counts: torch.Tensor) -> torch.Tensor:
+    """log1p of each cell's counts over one plus their mean: the encoder's input."""
+    return torch.log1p(counts / (1 + counts.mean(dim=-1, keepdim=True)))

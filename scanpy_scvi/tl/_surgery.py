@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ..model import SCVI
 
 # the scArches tutorial trains a query this long; map_query defaults to a fifth of it
-DEFAULT_QUERY_EPOCHS = {"SCVI": 200, "SCANVI": 100}
+DEFAULT_QUERY_EPOCHS = {"SCVI": 200, "SCANVI": 100, "TOTALVI": 200}
 
 
 def map_query(
@@ -56,9 +56,11 @@ def map_query(
         the reference's by name: extra genes are ignored, missing ones are read as zero counts
         (a warning says how many). Never modified except for the outputs below.
     reference
-        A trained :class:`~scanpy_scvi.SCVI` or :class:`~scanpy_scvi.SCANVI`, a directory
-        written by ``model.save``, or an AnnData carrying its model (``pp.scvi`` /
-        ``pp.scanvi`` with ``store_model=True``).
+        A trained :class:`~scanpy_scvi.SCVI`, :class:`~scanpy_scvi.SCANVI` or
+        :class:`~scanpy_scvi.TOTALVI`, a directory written by ``model.save``, or an AnnData
+        carrying its model (``pp.scvi`` / ``pp.scanvi`` / ``pp.totalvi`` with ``store_model=True``).
+        A totalVI query may have the reference's proteins, a smaller panel or none (RNA
+        only): proteins it lacks are left out of its likelihood and imputed in the outputs.
     batch_key
         ``obs`` column of the query's batches (default: the reference's ``batch_key``).
         Batches the reference does not know become new categories; several at once work.
@@ -91,7 +93,7 @@ def map_query(
     n_neighbors
         Neighbours of the kNN label vote (scVI reference).
     key_added
-        ``obsm`` key of the latent space; default ``'X_scvi'`` (scVI) or ``'X_scanvi'``.
+        ``obsm`` key of the latent space; default ``'X_scvi'``, ``'X_scanvi'`` or ``'X_totalvi'`` (the reference's kind).
         The ``uns`` entry is its name without ``'X_'``.
     store_model
         Store the query model in ``query.uns[<key>]['model']`` (``tl`` functions then find it).
@@ -102,7 +104,7 @@ def map_query(
     -------
     The trained query model (save it with ``.save``; map further queries onto it). Writes:
 
-    ``query.obsm['X_scvi']`` (or ``'X_scanvi'``) : (cells, n_latent) float32
+    ``query.obsm['X_scvi']`` (or ``'X_scanvi'``, ``'X_totalvi'``) : (cells, n_latent) float32
         Posterior mean in the reference's latent space.
     ``query.obs['<labels_key>_pred']`` : categorical
         Transferred labels (scANVI reference, or ``labels_key`` given).
@@ -137,7 +139,7 @@ def map_query(
                 "AnnData, with obs[labels_key]."
             )
             raise ValueError(msg)
-    key_added = key_added or ("X_scanvi" if is_scanvi else "X_scvi")
+    key_added = key_added or f"X_{type(ref_model).__name__.lower()}"
     uns_key = key_added.removeprefix("X_")
 
     missing = ref_model.setup.missing_genes(query)
@@ -220,18 +222,19 @@ def map_query(
 def _resolve_reference(reference, reference_key: str | None) -> tuple[SCVI, AnnData | None]:
     from anndata import AnnData
 
-    from ..model import SCVI
+    from ..model import BaseModel
 
-    if isinstance(reference, SCVI):
+    if isinstance(reference, BaseModel):
         return reference, None
     if isinstance(reference, (str, os.PathLike)):
-        return SCVI.load(reference, device="cpu"), None
+        return BaseModel.load(reference, device="cpu"), None
     if isinstance(reference, AnnData):
-        keys = [reference_key] if reference_key else [k for k in ("scanvi", "scvi") if k in reference.uns]
+        known = ("scanvi", "totalvi", "scvi")
+        keys = [reference_key] if reference_key else [k for k in known if k in reference.uns]
         if not keys:
-            msg = "The reference AnnData carries no model (uns['scanvi'] or uns['scvi']); pass `reference_key=`."
+            msg = f"The reference AnnData carries no model (uns[{' / '.join(known)}]); pass `reference_key=`."
             raise KeyError(msg)
-        return SCVI.from_anndata(reference, key=keys[0], device="cpu"), reference
+        return BaseModel.from_anndata(reference, key=keys[0], device="cpu"), reference
     msg = f"reference must be a model, a saved model directory or an AnnData, got {type(reference).__name__}."
     raise TypeError(msg)
 
