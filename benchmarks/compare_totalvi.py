@@ -436,19 +436,20 @@ def objective_notes(n_warmup: int, final_kl_weight: float) -> list[str]:
         return notes
     if "kl_weight * pro_recons_weight * reconst_loss_protein" in loss_src:
         notes.append(
-            "scvi-tools multiplies the protein reconstruction loss by the KL warm-up weight during training "
-            f"(ours: weight 1); over {n_warmup} warm-up steps the last training step has weight {final_kl_weight:.3f}"
+            "both multiply the protein reconstruction loss by the KL warm-up weight during training; over "
+            f"{n_warmup} warm-up steps the last training step has weight {final_kl_weight:.3f}"
         )
     if "lkl_back_pro_full" in loss_src or "lkl_protein_expressed" in loss_src:
         notes.append(
-            "scvi-tools adds to its loss and to get_elbo a LogNormal(0, 1) penalty on a learned per-batch protein "
-            "efficiency and 1e-3 x -log sigmoid(mixing) per protein (ours: neither); 'ELBO, penalties removed' "
-            "takes them out of scvi-tools' figure"
+            "both add 1e-3 x -log sigmoid(mixing) per protein to the training loss (ours leaves it out of "
+            "get_elbo); scvi-tools also adds, to its loss and get_elbo, a LogNormal(0, 1) penalty on a learned "
+            "per-batch protein efficiency (ours has no efficiency); 'ELBO, penalties removed' takes both out of "
+            "scvi-tools' figure"
         )
     if "per_batch_efficiency" in gen_src:
-        notes.append("scvi-tools scales both protein rates by exp(learned per-batch, per-protein efficiency)")
+        notes.append("scvi-tools scales both protein rates by exp(learned per-batch, per-protein efficiency); ours not")
     if "x / (1 + x.mean(1" in inf_src:
-        notes.append("scvi-tools' encoder reads log(1 + x / (1 + mean(x))) per cell; ours log1p(x)")
+        notes.append("both encoders read log(1 + x / (1 + mean(x))) per cell")
     return notes
 
 
