@@ -57,6 +57,7 @@ class BaseModel:
     """What every model object shares; see the module docstring for the internal API."""
 
     name: ClassVar[str] = "model"  # the model's name in messages
+    uns_key: ClassVar[str] = "scvi"  # where its pp function stores it (from_anndata's default)
     module_class: ClassVar[type[nn.Module]]
     _classes: ClassVar[dict[str, type[BaseModel]]] = {}
 
@@ -420,8 +421,10 @@ class BaseModel:
         }
 
     @classmethod
-    def from_anndata(cls, adata: AnnData, *, key: str = "scvi", device: str | torch.device = "auto"):
-        """Rebuild the model a ``pp`` function stored in ``adata.uns[key]['model']``."""
+    def from_anndata(cls, adata: AnnData, *, key: str | None = None, device: str | torch.device = "auto"):
+        """Rebuild the model a ``pp`` function stored in ``adata.uns[key]['model']`` (default
+        key: the model's ``pp`` function's, e.g. ``'totalvi'`` for :class:`TOTALVI`)."""
+        key = cls.uns_key if key is None else key
         entry = adata.uns.get(key, {})
         stored = entry.get("model") if isinstance(entry, Mapping) else None
         if not isinstance(stored, Mapping) or "config" not in stored or "weights" not in stored:

@@ -51,6 +51,7 @@ class SCANVI(SCVI):
     """
 
     name = "scANVI"
+    uns_key = "scanvi"
     module_class = SCANVAE
     classification_ratio = 50.0  # set by train()
 

@@ -59,6 +59,7 @@ class TOTALVI(BaseModel):
     """
 
     name = "totalVI"
+    uns_key = "totalvi"
     module_class = TOTALVAE
 
     def __init__(
@@ -88,7 +89,7 @@ class TOTALVI(BaseModel):
             self.module.set_protein_mask(measured)
         for b, c in enumerate(setup.batch_categories):
             if not measured[b].all():
-                missing = list(np.asarray(setup.protein_names)[~measured[b]])
+                missing = [str(p) for p in np.asarray(setup.protein_names)[~measured[b]]]
                 warnings.warn(
                     f"Batch {c!r} has no count of {len(missing)} proteins ({missing[:5]}): treated as not "
                     "measured there (left out of its likelihood, imputed in outputs). Pass "
@@ -203,6 +204,8 @@ class TOTALVI(BaseModel):
         include_protein_background
             Add the background part: the expected protein count rather than its foreground.
 
+        Notes
+        -----
         Proteins a cell's batch did not measure are imputed: decoded in the batches that measured
         them (averaged). The protein values are ``(1 - pi) * foreground (+ pi * background)``,
         where ``pi`` is the probability that a count is background.
