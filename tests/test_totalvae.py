@@ -173,9 +173,11 @@ def test_loss_keys_shapes_and_weights():
         "kl_l",
         "reconstruction_loss_gene",
         "reconstruction_loss_protein",
+        "z",
     }
     assert out["loss"].shape == ()
-    for key in set(out) - {"loss"}:
+    assert out["z"].shape == (N_CELLS, m.n_latent)
+    for key in set(out) - {"loss", "z"}:
         assert out[key].shape == (N_CELLS,) and torch.isfinite(out[key]).all(), key
     torch.testing.assert_close(
         out["reconstruction_loss"], out["reconstruction_loss_gene"] + out["reconstruction_loss_protein"]

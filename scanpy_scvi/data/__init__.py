@@ -2,7 +2,15 @@
 
 from ._arguments import SetupArguments
 from ._batches import MinibatchSource
-from ._proteins import measured_proteins
+from ._proteins import background_prior, measured_proteins
 from ._setup import BoundData, DataSetup, categories
 
-__all__ = ["BoundData", "DataSetup", "MinibatchSource", "SetupArguments", "categories", "measured_proteins"]
+__all__ = [
+    "BoundData",
+    "DataSetup",
+    "MinibatchSource",
+    "SetupArguments",
+    "background_prior",
+    "categories",
+    "measured_proteins",
+]

@@ -1,7 +1,9 @@
-"""Protein counts of CITE-seq data in ``adata.obsm``: names, checks, which proteins a batch measured."""
+"""Protein counts of CITE-seq data in ``adata.obsm``: names, checks, which proteins a batch
+measured, and the empirical prior of their background."""
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -121,6 +123,51 @@ def measured_proteins(Y: np.ndarray, batch: np.ndarray, n_batch: int) -> np.ndar
         if np.any(rows):
             measured[b] = Y[rows].sum(axis=0) > 0
     return measured
+
+
+def background_prior(
+    Y: np.ndarray,
+    batch: np.ndarray,
+    measured: np.ndarray,
+    rng: np.random.Generator,
+    n_cells: int = 100,
+) -> tuple[np.ndarray, np.ndarray]:
+    """scvi-tools' empirical prior of the protein background, (proteins, batches) mean and scale.
+
+    Per batch: for each of ``n_cells`` cells drawn with replacement, a two-component Gaussian
+    mixture on log1p of its measured protein counts; the lower component's mean and standard
+    deviation are that cell's background. The batch prior is the mean of the means and the
+    scale of the mean (root of the summed variances over ``n_cells``); it is shared by all
+    proteins. Batches with fewer than 5 measured proteins or no cells keep (0, 0.05).
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    n_batch = measured.shape[0]
+    means, scales = np.zeros(n_batch), np.full(n_batch, 0.05)
+    for b in range(n_batch):
+        rows = np.flatnonzero(batch == b)
+        if len(rows) == 0 or measured[b].sum() < 5:
+            continue
+        cells = Y[rng.choice(rows, size=n_cells)][:, measured[b]]
+        mus, sds = [], []
+        for counts in cells:
+            gmm = GaussianMixture(n_components=2, random_state=int(rng.integers(2**31)))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ConvergenceWarning)
+                try:
+                    gmm.fit(np.log1p(counts).reshape(-1, 1))
+                except (ConvergenceWarning, ValueError):  # e.g. a cell with all counts equal
+                    mus.append(0.0)
+                    sds.append(0.05)
+                    continue
+            low = int(np.argmin(gmm.means_.ravel()))
+            mus.append(float(gmm.means_.ravel()[low]))
+            sds.append(float(np.sqrt(gmm.covariances_.ravel()[low])))
+        means[b] = np.mean(mus)
+        scales[b] = np.sqrt(np.sum(np.square(sds)) / n_cells**2)
+    n_proteins = Y.shape[1]
+    return np.tile(means, (n_proteins, 1)).astype(np.float32), np.tile(scales, (n_proteins, 1)).astype(np.float32)
 
 
 def _obsm(adata: AnnData, key: str):

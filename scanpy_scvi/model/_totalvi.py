@@ -12,15 +12,15 @@ import scipy.sparse as sp
 import torch
 
 from .._settings import check_positive_int, keyword_settings, split_settings
-from ..data import BoundData, DataSetup, SetupArguments, measured_proteins
+from ..data import BoundData, DataSetup, SetupArguments, background_prior, measured_proteins
 from ..nn import TOTALVAE, TOTALVIArchitecture, to_numpy
+from ..train import Objective
 from . import _totalvi_outputs as outputs
+from ._adversarial import AdversarialObjective
 from ._base import BaseModel
 
 if TYPE_CHECKING:
     from anndata import AnnData
-
-BACKGROUND_PRIOR_CELLS = 100  # cells per batch whose protein counts set the empirical background prior
 
 
 @keyword_settings(SetupArguments, TOTALVIArchitecture)
@@ -59,6 +59,7 @@ class TOTALVI(BaseModel):
     """
 
     name = "totalVI"
+    adversarial_classifier = False  # set by train()
     uns_key = "totalvi"
     module_class = TOTALVAE
 
@@ -139,6 +140,7 @@ class TOTALVI(BaseModel):
         reduce_lr_on_plateau: bool = True,
         n_steps_kl_warmup: int | None = None,
         n_epochs_kl_warmup: int | None = None,
+        adversarial_classifier: bool | None = None,
         **kwargs,
     ) -> None:
         """Train with scvi-tools' totalVI defaults.
@@ -153,16 +155,29 @@ class TOTALVI(BaseModel):
             watch the training ELBO.
         n_steps_kl_warmup, n_epochs_kl_warmup
             KL warm-up; default over ``0.75 * n_cells`` optimiser steps (scvi-tools).
+        adversarial_classifier
+            Train a batch classifier on z and reward the model for fooling it, weighted by
+            ``1 - kl_weight`` (history: ``adversarial_loss_train``). Default: on when some batch
+            did not measure some protein (scvi-tools' rule), with at least 2 batches.
         **kwargs
             Every other argument of :meth:`BaseModel.train`.
         """
         if n_steps_kl_warmup is None and n_epochs_kl_warmup is None:
             n_steps_kl_warmup = int(0.75 * self.bind().n_obs)
+        if adversarial_classifier is None:
+            adversarial_classifier = not bool(self.module.protein_mask.bool().all())
+        self.adversarial_classifier = bool(adversarial_classifier) and self.setup.n_batch > 1
         super().train(
             max_epochs, lr=lr, batch_size=batch_size, train_size=train_size, early_stopping=early_stopping,
             reduce_lr_on_plateau=reduce_lr_on_plateau, n_steps_kl_warmup=n_steps_kl_warmup,
             n_epochs_kl_warmup=n_epochs_kl_warmup, **kwargs,
         )  # fmt: skip
+        self.train_config["adversarial_classifier"] = self.adversarial_classifier
+
+    def objective(self, bound: BoundData, train_idx: np.ndarray) -> Objective:
+        if not self.adversarial_classifier:
+            return super().objective(bound, train_idx)
+        return AdversarialObjective(self.module.n_latent, self.setup.n_batch)
 
     # -- expression ------------------------------------------------------------------------------
     def get_normalized_expression(
@@ -551,48 +566,3 @@ class TOTALVI(BaseModel):
             msg = f"protein_list has {len(unknown)} proteins the model does not know: {unknown[:10]}."
             raise ValueError(msg)
         return np.isin(names, protein_list)
-
-
-def background_prior(
-    Y: np.ndarray,
-    batch: np.ndarray,
-    measured: np.ndarray,
-    rng: np.random.Generator,
-    n_cells: int = BACKGROUND_PRIOR_CELLS,
-) -> tuple[np.ndarray, np.ndarray]:
-    """scvi-tools' empirical prior of the protein background, (proteins, batches) mean and scale.
-
-    Per batch: for each of ``n_cells`` cells drawn with replacement, a two-component Gaussian
-    mixture on log1p of its measured protein counts; the lower component's mean and standard
-    deviation are that cell's background. The batch prior is the mean of the means and the
-    scale of the mean (root of the summed variances over ``n_cells``); it is shared by all
-    proteins. Batches with fewer than 5 measured proteins or no cells keep (0, 0.05).
-    """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.mixture import GaussianMixture
-
-    n_batch = measured.shape[0]
-    means, scales = np.zeros(n_batch), np.full(n_batch, 0.05)
-    for b in range(n_batch):
-        rows = np.flatnonzero(batch == b)
-        if len(rows) == 0 or measured[b].sum() < 5:
-            continue
-        cells = Y[rng.choice(rows, size=n_cells)][:, measured[b]]
-        mus, sds = [], []
-        for counts in cells:
-            gmm = GaussianMixture(n_components=2, random_state=int(rng.integers(2**31)))
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", ConvergenceWarning)
-                try:
-                    gmm.fit(np.log1p(counts).reshape(-1, 1))
-                except (ConvergenceWarning, ValueError):  # e.g. a cell with all counts equal
-                    mus.append(0.0)
-                    sds.append(0.05)
-                    continue
-            low = int(np.argmin(gmm.means_.ravel()))
-            mus.append(float(gmm.means_.ravel()[low]))
-            sds.append(float(np.sqrt(gmm.covariances_.ravel()[low])))
-        means[b] = np.mean(mus)
-        scales[b] = np.sqrt(np.sum(np.square(sds)) / n_cells**2)
-    n_proteins = Y.shape[1]
-    return np.tile(means, (n_proteins, 1)).astype(np.float32), np.tile(scales, (n_proteins, 1)).astype(np.float32)

@@ -3,7 +3,7 @@
 from ._architecture import SCANVIArchitecture, TOTALVIArchitecture, VAEArchitecture
 from ._likelihoods import log_nb_mixture, sample_counts, sample_nb_mixture
 from ._numpy import to_numpy
-from ._scanvae import SCANVAE
+from ._scanvae import SCANVAE, Classifier
 from ._totalvae import TOTALVAE
 from ._vae import VAE
 
@@ -11,6 +11,7 @@ __all__ = [
     "SCANVAE",
     "TOTALVAE",
     "VAE",
+    "Classifier",
     "SCANVIArchitecture",
     "TOTALVIArchitecture",
     "VAEArchitecture",

@@ -496,6 +496,7 @@ class TOTALVAE(nn.Module):
             "kl_l": kl_library + kl_background,
             "reconstruction_loss_gene": recon_gene,
             "reconstruction_loss_protein": recon_protein,
+            "z": inf["z"],  # for objectives that look at the latent (adversarial batch classifier)
         }
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ def totalvi(
     batch_size: int = 256,
     early_stopping: bool = True,
     reduce_lr_on_plateau: bool = True,
+    adversarial_classifier: bool | None = None,
     expression: bool = True,
     key_added: str = "X_totalvi",
     **settings,
@@ -65,6 +66,9 @@ def totalvi(
         Training settings (scvi-tools' totalVI defaults 4e-3, 0.9, 256, on, on). With
         ``train_size=1.0`` early stopping and the learning-rate schedule watch the training
         ELBO (there is no validation set). The KL warm-up runs over ``0.75 * n_cells`` steps.
+    adversarial_classifier
+        Reward the model for fooling a batch classifier on z (weighted by ``1 - kl_weight``).
+        Default: on when some batch did not measure some protein (scvi-tools' rule).
     expression
         Write the denoised RNA matrix (dense cells x genes float32) and the protein outputs.
         If they need more than 80 % of the memory available now, this is an error before
@@ -113,8 +117,8 @@ def totalvi(
     )  # fmt: skip
     model.train(
         run.max_epochs, lr=lr, train_size=train_size, batch_size=batch_size, early_stopping=early_stopping,
-        reduce_lr_on_plateau=reduce_lr_on_plateau, device=run.device, random_state=run.random_state,
-        progress_bar=run.progress_bar,
+        reduce_lr_on_plateau=reduce_lr_on_plateau, adversarial_classifier=adversarial_classifier, device=run.device,
+        random_state=run.random_state, progress_bar=run.progress_bar,
     )  # fmt: skip
 
     adata = run.target(adata, model)
@@ -136,7 +140,8 @@ def totalvi(
         labels_key=labels_key, empirical_protein_background_prior=empirical_protein_background_prior,
         override_missing_proteins=override_missing_proteins, max_epochs=model.train_config["max_epochs"], lr=lr,
         train_size=train_size, batch_size=batch_size, early_stopping=early_stopping,
-        reduce_lr_on_plateau=reduce_lr_on_plateau, use_highly_variable_genes=run.use_highly_variable_genes,
+        reduce_lr_on_plateau=reduce_lr_on_plateau, adversarial_classifier=model.adversarial_classifier,
+        use_highly_variable_genes=run.use_highly_variable_genes,
         random_state=run.random_state, key_added=key_added, **SetupArguments(**setup_args).to_dict(),
     )  # fmt: skip
     record = model.uns_record(params, store_model=run.store_model)
