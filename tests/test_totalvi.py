@@ -252,3 +252,10 @@ def test_adversarial_objective_fools_and_trains_its_classifier():
     objective.loss(module, t, kl_weight=1.0)
     objective.after_step(module)
     assert all(torch.equal(w, p) for w, p in zip(weights, objective.classifier.parameters(), strict=True))
+
+
+def test_latent_scores_come_from_the_base(fitted):
+    _, model = fitted
+    assert model.knn_purity(labels_key="cell_type") > 0.8
+    assert 0 < model.entropy_batch_mixing(n_pools=5, n_samples_per_pool=50) <= np.log(2) + 1e-6
+    assert set(model.clustering_scores(labels_key="cell_type")) == {"ari", "nmi", "silhouette"}

@@ -1,6 +1,7 @@
 """Model objects: one base (assembly, training, the internal API, files) and the models on it."""
 
-from ._base import BaseModel, resolve_device
+from ._base import BaseModel
+from ._device import resolve_device
 from ._scanvi import SCANVI
 from ._scvi import SCVI
 from ._surgery import query_model

@@ -8,19 +8,11 @@ Every way to make a model (fresh from an AnnData, loaded from a directory, rebui
 
 Internal API
 ------------
-``tl``, ``pp`` and the CLI run a model over cells through these methods only (they are
-public names of the model object, documented here, stable within the package):
-
-``bind(adata)``                 check ``adata`` against the setup; its minibatch source
-``select(adata, indices)``      ``bind`` plus the cell positions
-``minibatches(bound, idx, batch_size, encoder_only=...)``  (output rows, tensors), in order
-``inference_mode()``            context: eval mode and ``torch.inference_mode``, restored after
-``seeded(random_state)``        context: torch seeded on the model's device, RNG restored after
-``batch_codes(transform_batch)``, ``gene_mask(gene_list)``  user arguments to codes and masks
-``default_max_epochs(n_obs)``   the model's epoch heuristic
-``uns_record(params, store_model=...)``  the ``adata.uns`` entry of a fitted model
-``module``                      the pure-torch module: ``inference`` (encode), ``generative``
-                                / ``expression`` (decode), ``loss``
+``tl``, ``pp`` and the CLI run a model over cells only through public methods of the model
+object: ``bind``, ``select``, ``minibatches``, ``inference_mode``, ``seeded``,
+``batch_codes``, ``gene_mask``, ``latent``, ``default_max_epochs``, ``uns_record`` (here),
+``feature_names`` and ``decode_features`` (the models with a count decoder), and ``module``.
+docs/architecture.rst describes each.
 """
 
 from __future__ import annotations
@@ -40,6 +32,7 @@ from .._settings import check_positive_int
 from ..data import BoundData, DataSetup
 from ..nn import to_numpy
 from ..train import Objective, TrainConfig, evaluate, train
+from ._device import resolve_device, seeded_on
 from ._io import FORMAT, FORMAT_VERSION, read_model_dir, write_model_dir
 
 if TYPE_CHECKING:
@@ -88,7 +81,7 @@ class BaseModel:
         """
         self.setup = setup
         self.architecture = architecture
-        with _seeded(random_state, torch.device("cpu")):
+        with seeded_on(random_state, torch.device("cpu")):
             self.module = self.module_class(len(setup.genes), **setup.module_sizes(), architecture=architecture)
         if state is not None:
             _load_checked(self.module, state, source)
@@ -202,7 +195,7 @@ class BaseModel:
             f"training {self.name} on {len(train_idx)} cells ({len(val_idx)} held out) for {max_epochs} epochs "
             f"on {self.device}"
         )
-        with _seeded(random_state, self.device):
+        with seeded_on(random_state, self.device):
             history, best_epoch = train(
                 self.module,
                 bound.source,
@@ -288,7 +281,7 @@ class BaseModel:
 
     def seeded(self, random_state: int | None):
         """Context: torch seeded with ``random_state`` on the model's device, its RNG state restored after."""
-        return _seeded(random_state, self.device)
+        return seeded_on(random_state, self.device)
 
     def batch_codes(self, transform_batch) -> list[int | None]:
         """``transform_batch`` (None, a category or code, or a list of them) as batch codes."""
@@ -379,6 +372,64 @@ class BaseModel:
         """Mean negative log-likelihood of the counts per cell (lower is better)."""
         s = self._loss_sums(adata, indices, batch_size)
         return {"reconstruction_loss": s.recon / s.n}
+
+    # -- quality scores of the latent space (the original scVI Posterior API) --------------------
+    def _obs_labels(self, adata, idx, labels_key: str | None) -> np.ndarray:
+        key = labels_key or self.setup.labels_key
+        if key is None:
+            msg = "Pass labels_key= (an obs column of cell labels); the model was built without one."
+            raise ValueError(msg)
+        data = adata if adata is not None else self.adata
+        if key not in data.obs.columns:
+            msg = f"{key!r} not found in adata.obs."
+            raise KeyError(msg)
+        return data.obs[key].astype(str).to_numpy()[idx]
+
+    def entropy_batch_mixing(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        *,
+        n_neighbors: int = 50,
+        n_pools: int = 50,
+        n_samples_per_pool: int = 100,
+        random_state: int | None = 0,
+    ) -> float:
+        """Batch mixing of the latent space: mean entropy of the batches among each cell's
+        ``n_neighbors`` nearest neighbours (0: unmixed; log(n_batches): balanced batches fully
+        mixed), averaged over random pools of cells as in scVI 0.6."""
+        from ._metrics import entropy_batch_mixing
+
+        if self.setup.batch_key is None:
+            msg = "The model has no batch_key, so there are no batches to mix."
+            raise ValueError(msg)
+        bound, idx = self.select(adata, indices)
+        return entropy_batch_mixing(
+            self.latent(bound, idx), bound.source.obs["batch"][idx], n_neighbors=n_neighbors, n_pools=n_pools,
+            n_samples_per_pool=n_samples_per_pool, random_state=random_state,
+        )  # fmt: skip
+
+    def knn_purity(
+        self, adata: AnnData | None = None, indices=None, *, labels_key: str | None = None, n_neighbors: int = 30
+    ) -> float:
+        """Fraction of each cell's latent-space neighbours with the same label (``labels_key``,
+        default the model's), averaged within each label and then over labels; 1 is pure."""
+        from ._metrics import knn_purity
+
+        bound, idx = self.select(adata, indices)
+        labels = self._obs_labels(adata, idx, labels_key)
+        return knn_purity(self.latent(bound, idx), labels, n_neighbors=n_neighbors)
+
+    def clustering_scores(
+        self, adata: AnnData | None = None, indices=None, *, labels_key: str | None = None, random_state: int | None = 0
+    ) -> dict[str, float]:
+        """k-means on the latent (as many clusters as labels): ``ari`` and ``nmi`` against the
+        labels, and the ``silhouette`` of the labels in the latent space."""
+        from ._metrics import clustering_scores
+
+        bound, idx = self.select(adata, indices)
+        labels = self._obs_labels(adata, idx, labels_key)
+        return clustering_scores(self.latent(bound, idx), labels, random_state=random_state)
 
     # -- persistence -------------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
@@ -490,21 +541,6 @@ class BaseModel:
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``'auto'`` -> CUDA if available else CPU; raise if CUDA is asked for but missing."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        msg = f"Unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'."
-        raise ValueError(msg) from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        msg = f"device={device!r} but CUDA is not available; use device='cpu' or 'auto'."
-        raise ValueError(msg)
-    return dev
-
-
 def split_groups(groups: list[np.ndarray], train_size: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Split each group of positions by one seeded permutation, ceil(train_size * size) to train;
     return the sorted union of the training and of the validation parts."""
@@ -516,18 +552,6 @@ def split_groups(groups: list[np.ndarray], train_size: float, seed: int | None) 
         train_parts.append(perm[n_val:])
         val_parts.append(perm[:n_val])
     return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(val_parts))
-
-
-@contextmanager
-def _seeded(seed: int | None, device: torch.device):
-    """Seed torch inside the block and restore the global RNG state afterwards."""
-    if seed is None:
-        yield
-        return
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def _load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:

@@ -354,64 +354,6 @@ class SCVI(BaseModel):
         w = to_numpy(self.module.loadings())
         return pd.DataFrame(w, index=pd.Index(self.setup.genes), columns=[f"Z_{i}" for i in range(w.shape[1])])
 
-    # -- quality scores (the original scVI Posterior API) ------------------------------------------
-    def _obs_labels(self, adata, idx, labels_key: str | None) -> np.ndarray:
-        key = labels_key or self.setup.labels_key
-        if key is None:
-            msg = "Pass labels_key= (an obs column of cell labels); the model was built without one."
-            raise ValueError(msg)
-        data = adata if adata is not None else self.adata
-        if key not in data.obs.columns:
-            msg = f"{key!r} not found in adata.obs."
-            raise KeyError(msg)
-        return data.obs[key].astype(str).to_numpy()[idx]
-
-    def entropy_batch_mixing(
-        self,
-        adata: AnnData | None = None,
-        indices=None,
-        *,
-        n_neighbors: int = 50,
-        n_pools: int = 50,
-        n_samples_per_pool: int = 100,
-        random_state: int | None = 0,
-    ) -> float:
-        """Batch mixing of the latent space: mean entropy of the batches among each cell's
-        ``n_neighbors`` nearest neighbours (0: unmixed; log(n_batches): balanced batches fully
-        mixed), averaged over random pools of cells as in scVI 0.6."""
-        from ._metrics import entropy_batch_mixing
-
-        if self.setup.batch_key is None:
-            msg = "The model has no batch_key, so there are no batches to mix."
-            raise ValueError(msg)
-        bound, idx = self.select(adata, indices)
-        return entropy_batch_mixing(
-            self.latent(bound, idx), bound.source.obs["batch"][idx], n_neighbors=n_neighbors, n_pools=n_pools,
-            n_samples_per_pool=n_samples_per_pool, random_state=random_state,
-        )  # fmt: skip
-
-    def knn_purity(
-        self, adata: AnnData | None = None, indices=None, *, labels_key: str | None = None, n_neighbors: int = 30
-    ) -> float:
-        """Fraction of each cell's latent-space neighbours with the same label (``labels_key``,
-        default the model's), averaged within each label and then over labels; 1 is pure."""
-        from ._metrics import knn_purity
-
-        bound, idx = self.select(adata, indices)
-        labels = self._obs_labels(adata, idx, labels_key)
-        return knn_purity(self.latent(bound, idx), labels, n_neighbors=n_neighbors)
-
-    def clustering_scores(
-        self, adata: AnnData | None = None, indices=None, *, labels_key: str | None = None, random_state: int | None = 0
-    ) -> dict[str, float]:
-        """k-means on the latent (as many clusters as labels): ``ari`` and ``nmi`` against the
-        labels, and the ``silhouette`` of the labels in the latent space."""
-        from ._metrics import clustering_scores
-
-        bound, idx = self.select(adata, indices)
-        labels = self._obs_labels(adata, idx, labels_key)
-        return clustering_scores(self.latent(bound, idx), labels, random_state=random_state)
-
     def get_feature_correlation_matrix(
         self,
         adata: AnnData | None = None,
