@@ -35,7 +35,16 @@ from torch import nn
 from ._architecture import TOTALVIArchitecture
 from ._layers import FCLayers, Linear, _broadcast_like
 from ._likelihoods import log_nb, log_nb_mixture, log_zinb, summed_log_likelihood
-from ._vae import GaussianEncoder, _kl_normal, _kl_normal_std, _log_normal, _rsample
+from ._vae import (
+    GaussianEncoder,
+    _kl_normal,
+    _kl_normal_std,
+    _log_normal,
+    _rsample,
+    encoder_input,
+    latent_posterior,
+    one_hot_covariates,
+)
 
 LOG_LIBRARY_MAX = 15.0  # a sampled log library is clamped here, as in the reference
 BACKGROUND_EPS = 1e-8  # added to the background posterior's standard deviation (reference)
@@ -205,13 +214,7 @@ class TOTALVAE(nn.Module):
 
     # -- covariates ---------------------------------------------------------------------------
     def _one_hot(self, batch: torch.Tensor, cat_covs: torch.Tensor | None) -> torch.Tensor | None:
-        codes = [batch] + ([] if cat_covs is None else list(cat_covs.unbind(-1)))
-        blocks = [
-            F.one_hot(c, n).to(torch.float32)
-            for c, n in zip(codes, (self.n_batch, *self.n_cats_per_cov), strict=True)
-            if n > 1
-        ]
-        return torch.cat(blocks, dim=-1) if blocks else None
+        return one_hot_covariates(batch, cat_covs, (self.n_batch, *self.n_cats_per_cov))
 
     def _decoder_input(
         self, z: torch.Tensor, tensors: dict[str, torch.Tensor], batch: torch.Tensor
@@ -251,18 +254,9 @@ class TOTALVAE(nn.Module):
         if x.layout == torch.sparse_csr:
             x = x.to_dense()
         y = tensors["Y"]
-        enc_in = torch.cat([_depth_free_log(x), _depth_free_log(y)], dim=-1)
-        cov = None
-        if self.encode_covariates:
-            cont = tensors.get("cont_covs")
-            if cont is not None:
-                enc_in = torch.cat([enc_in, cont], dim=-1)
-            cov = self._one_hot(tensors["batch"], tensors.get("cat_covs"))
-        qz_m, qz_v = self.z_encoder(enc_in, cov)
-        out = {"qz_m": qz_m, "qz_v": qz_v}
-        z = _rsample(qz_m, qz_v, n_samples)
-        out["z_untransformed"] = z
-        out["z"] = z = self._as_decoder_z(z)
+        enc_in, cov = encoder_input(self, torch.cat([_depth_free_log(x), _depth_free_log(y)], dim=-1), tensors)
+        out = latent_posterior(self, enc_in, cov, n_samples)
+        z = out["z"]
         if self.use_observed_lib_size:
             library = torch.log(x.sum(dim=-1, keepdim=True))
             out["library"] = library.expand(n_samples, *library.shape) if n_samples > 1 else library

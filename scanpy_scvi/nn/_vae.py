@@ -135,13 +135,7 @@ class VAE(nn.Module):
 
     # -- covariates ---------------------------------------------------------------------
     def _one_hot(self, batch: torch.Tensor, cat_covs: torch.Tensor | None) -> torch.Tensor | None:
-        codes = [batch] + ([] if cat_covs is None else list(cat_covs.unbind(-1)))
-        blocks = [
-            F.one_hot(c, n).to(torch.float32)
-            for c, n in zip(codes, (self.n_batch, *self.n_cats_per_cov), strict=True)
-            if n > 1
-        ]
-        return torch.cat(blocks, dim=-1) if blocks else None
+        return one_hot_covariates(batch, cat_covs, (self.n_batch, *self.n_cats_per_cov))
 
     # -- q(z, l | x) ------------------------------------------------------------------------
     def inference(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> dict[str, torch.Tensor]:
@@ -149,18 +143,8 @@ class VAE(nn.Module):
         x = tensors["X"]
         if x.layout == torch.sparse_csr and self.encode_covariates and tensors.get("cont_covs") is not None:
             x = x.to_dense()  # continuous covariates are extra encoder input columns
-        enc_in = torch.log1p(x)  # keeps a sparse x sparse
-        cov = None
-        if self.encode_covariates:
-            cont = tensors.get("cont_covs")
-            if cont is not None:
-                enc_in = torch.cat([enc_in, cont], dim=-1)
-            cov = self._one_hot(tensors["batch"], tensors.get("cat_covs"))
-        qz_m, qz_v = self.z_encoder(enc_in, cov)
-        out = {"qz_m": qz_m, "qz_v": qz_v}
-        z = _rsample(qz_m, qz_v, n_samples)
-        out["z_untransformed"] = z
-        out["z"] = self._as_decoder_z(z)
+        enc_in, cov = encoder_input(self, torch.log1p(x), tensors)  # log1p keeps a sparse x sparse
+        out = latent_posterior(self, enc_in, cov, n_samples)
         if self.use_observed_lib_size:
             total = x.sum(dim=-1, keepdim=True)
             library = torch.log(total.to_dense() if total.layout == torch.sparse_csr else total)
@@ -342,6 +326,32 @@ class VAE(nn.Module):
             bn = self.scale_decoder[1]
             weight = weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).unsqueeze(-1)
         return weight
+
+
+def one_hot_covariates(batch: torch.Tensor, cat_covs: torch.Tensor | None, sizes) -> torch.Tensor | None:
+    """Batch and categorical covariates one-hot, concatenated (a one-category block has no columns)."""
+    codes = [batch] + ([] if cat_covs is None else list(cat_covs.unbind(-1)))
+    blocks = [F.one_hot(c, n).to(torch.float32) for c, n in zip(codes, sizes, strict=True) if n > 1]
+    return torch.cat(blocks, dim=-1) if blocks else None
+
+
+def encoder_input(module: nn.Module, counts_in: torch.Tensor, tensors: dict[str, torch.Tensor]):
+    """(encoder input, one-hot covariates) of a module with ``encode_covariates`` and ``_one_hot``:
+    the transformed counts, with the continuous covariates appended when it encodes covariates."""
+    if not module.encode_covariates:
+        return counts_in, None
+    cont = tensors.get("cont_covs")
+    if cont is not None:
+        counts_in = torch.cat([counts_in, cont], dim=-1)
+    return counts_in, module._one_hot(tensors["batch"], tensors.get("cat_covs"))
+
+
+def latent_posterior(module: nn.Module, enc_in: torch.Tensor, cov, n_samples: int) -> dict[str, torch.Tensor]:
+    """q(z | .) of ``module.z_encoder`` and ``n_samples`` draws: ``qz_m``, ``qz_v``,
+    ``z_untransformed`` and ``z`` (as the decoder takes it)."""
+    qz_m, qz_v = module.z_encoder(enc_in, cov)
+    z = _rsample(qz_m, qz_v, n_samples)
+    return {"qz_m": qz_m, "qz_v": qz_v, "z_untransformed": z, "z": module._as_decoder_z(z)}
 
 
 def _linear_head(n_in: int, n_out: int, use_batch_norm: bool) -> nn.Sequential:
