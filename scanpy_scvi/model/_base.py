@@ -34,6 +34,7 @@ from ..nn import to_numpy
 from ..train import Objective, TrainConfig, evaluate, train
 from ._device import resolve_device, seeded_on
 from ._io import FORMAT, FORMAT_VERSION, read_model_dir, write_model_dir
+from ._selection import cell_positions, names_mask
 
 if TYPE_CHECKING:
     import os
@@ -101,6 +102,20 @@ class BaseModel:
             if state is None and self._bound.n_obs < 3:
                 msg = f"{self.name} needs at least 3 cells to train; adata has {self._bound.n_obs}."
                 raise ValueError(msg)
+            if state is None and not getattr(self.module, "use_observed_lib_size", True):
+                self._init_library_prior(self._bound)  # fresh weights on data: the learned-library prior
+
+    def _init_library_prior(self, bound: BoundData) -> None:
+        """Per-batch mean and (population) variance of log total counts of the bound cells: the
+        learned-library prior (a batch without cells keeps N(0, 1))."""
+        log_lib = np.log(bound.library)
+        batch = bound.source.obs["batch"]
+        means, variances = np.zeros(self.setup.n_batch), np.ones(self.setup.n_batch)
+        for b in range(self.setup.n_batch):
+            if np.any(batch == b):
+                means[b], variances[b] = log_lib[batch == b].mean(), log_lib[batch == b].var()
+        self.module.library_log_means.copy_(torch.as_tensor(means[None], dtype=torch.float32))
+        self.module.library_log_vars.copy_(torch.as_tensor(variances[None], dtype=torch.float32))
 
     @classmethod
     def _assembled(cls, setup: DataSetup, architecture: Settings, **kwargs) -> BaseModel:
@@ -251,7 +266,7 @@ class BaseModel:
     def select(self, adata: AnnData | None = None, indices=None) -> tuple[BoundData, np.ndarray]:
         """Bind (and check) ``adata`` once and resolve ``indices`` to positions."""
         bound = self.bind(adata)
-        return bound, _positions(indices, bound.n_obs)
+        return bound, cell_positions(indices, bound.n_obs)
 
     def minibatches(
         self, bound: BoundData, idx: np.ndarray, batch_size: int | None = None, *, encoder_only: bool = False
@@ -295,15 +310,7 @@ class BaseModel:
 
     def gene_mask(self, gene_list) -> np.ndarray:
         """Boolean mask over the model genes of ``gene_list`` (None: all)."""
-        genes = np.asarray(self.setup.genes)
-        if gene_list is None:
-            return np.ones(len(genes), dtype=bool)
-        gene_list = [gene_list] if isinstance(gene_list, str) else list(gene_list)
-        unknown = sorted(set(gene_list) - set(genes))
-        if unknown:
-            msg = f"gene_list has {len(unknown)} genes the model was not trained on: {unknown[:10]}."
-            raise ValueError(msg)
-        return np.isin(genes, gene_list)
+        return names_mask(self.setup.genes, gene_list, "gene_list", "genes")
 
     # -- latent space and fit -------------------------------------------------------------------
     def get_latent_representation(
@@ -565,21 +572,6 @@ def _load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: 
         msg = f"{source}: weights do not match the configuration ({problems[:5]}). The file is corrupt."
         raise ValueError(msg)
     module.load_state_dict(state)
-
-
-def _positions(indices, n_obs: int) -> np.ndarray:
-    if indices is None:
-        return np.arange(n_obs)
-    idx = np.asarray(indices)
-    if idx.dtype == bool:
-        if idx.shape != (n_obs,):
-            msg = f"A boolean `indices` mask must have length n_obs={n_obs}, got {idx.shape}."
-            raise ValueError(msg)
-        return np.flatnonzero(idx)
-    if idx.size and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= n_obs):
-        msg = f"`indices` must be integer positions in [0, {n_obs}) or a boolean mask."
-        raise ValueError(msg)
-    return idx.astype(np.int64)
 
 
 def _mc_softmax_mean(mean: torch.Tensor, var: torch.Tensor, n_draws: int, max_elements: int = 2**22) -> torch.Tensor:

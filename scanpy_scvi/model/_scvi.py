@@ -14,6 +14,7 @@ from .._settings import check_positive_int, keyword_settings, split_settings
 from ..data import BoundData, DataSetup, SetupArguments
 from ..nn import VAE, VAEArchitecture, sample_counts, to_numpy
 from ._base import BaseModel
+from ._correlation import sample_correlation
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -59,23 +60,6 @@ class SCVI(BaseModel):
         architecture = VAEArchitecture(**architecture)
         setup = DataSetup.from_adata(adata, genes=genes, labels_key=labels_key, **setup_args)
         self._assemble(setup, architecture, adata=adata, random_state=random_state)
-
-    def _assemble(self, setup, architecture, *, adata=None, state=None, **kwargs) -> None:
-        super()._assemble(setup, architecture, adata=adata, state=state, **kwargs)
-        if state is None and adata is not None and not architecture.use_observed_lib_size:
-            self._init_library_prior(self._bound)
-
-    def _init_library_prior(self, bound: BoundData) -> None:
-        """Per-batch mean and (population) variance of log total counts of the bound cells: the
-        learned-library prior (a batch without cells keeps N(0, 1))."""
-        log_lib = np.log(bound.library)
-        batch = bound.source.obs["batch"]
-        means, variances = np.zeros(self.setup.n_batch), np.ones(self.setup.n_batch)
-        for b in range(self.setup.n_batch):
-            if np.any(batch == b):
-                means[b], variances[b] = log_lib[batch == b].mean(), log_lib[batch == b].var()
-        self.module.library_log_means.copy_(torch.as_tensor(means[None], dtype=torch.float32))
-        self.module.library_log_vars.copy_(torch.as_tensor(variances[None], dtype=torch.float32))
 
     def __repr__(self) -> str:
         a = self.architecture
@@ -372,17 +356,14 @@ class SCVI(BaseModel):
         batches. Pearson is accumulated in minibatches; Spearman ranks need all
         (cells x n_samples, genes) samples in memory, so pass ``indices`` on large data.
         """
-        from scipy.stats import spearmanr
-
         check_positive_int(n_samples=n_samples)
         if correlation_type not in ("spearman", "pearson"):
             msg = f"correlation_type must be 'spearman' or 'pearson', got {correlation_type!r}."
             raise ValueError(msg)
         bound, idx = self.select(adata, indices)
         G = len(self.setup.genes)
-        mats = []
-        for code in self.batch_codes(transform_batch):
-            blocks, sums, cross, n = [], np.zeros(G), np.zeros((G, G)), 0
+
+        def draws_in(code):
             with self.inference_mode():
                 for _, t in self.minibatches(bound, idx, batch_size, encoder_only=True):
                     inf = self.module.inference(t, n_samples=n_samples)
@@ -390,17 +371,7 @@ class SCVI(BaseModel):
                     mean = rna_size_factor * gen["px_scale"]
                     theta = gen["theta"].expand_as(mean)
                     draws = torch.distributions.Gamma(theta, theta / mean).sample()
-                    draws = to_numpy(draws).reshape(-1, G).astype(np.float64)
-                    if correlation_type == "spearman":
-                        blocks.append(draws)
-                    else:
-                        sums += draws.sum(0)
-                        cross += draws.T @ draws
-                        n += len(draws)
-            if correlation_type == "spearman":
-                mats.append(spearmanr(np.concatenate(blocks)).statistic)
-            else:
-                cov = cross / n - np.outer(sums / n, sums / n)
-                sd = np.sqrt(np.diag(cov))
-                mats.append(cov / np.outer(sd, sd))
+                    yield to_numpy(draws).reshape(-1, G).astype(np.float64)
+
+        mats = [sample_correlation(draws_in(code), G, correlation_type) for code in self.batch_codes(transform_batch)]
         return pd.DataFrame(np.mean(mats, axis=0), index=self.setup.genes, columns=self.setup.genes)

@@ -18,6 +18,7 @@ from ..train import Objective
 from . import _totalvi_outputs as outputs
 from ._adversarial import AdversarialObjective
 from ._base import BaseModel
+from ._selection import names_mask
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -109,16 +110,6 @@ class TOTALVI(BaseModel):
         if state is None and adata is not None:  # fresh weights on data (a new model, or a query's)
             source = self._bound.source
             self.module.set_protein_mask(measured_proteins(source.obs["Y"], source.obs["batch"], setup.n_batch))
-            if not architecture.use_observed_lib_size:
-                self._init_library_prior(self._bound)
-
-    def _init_library_prior(self, bound: BoundData) -> None:
-        log_lib = np.log(bound.library)
-        batch = bound.source.obs["batch"]
-        for b in range(self.setup.n_batch):
-            if np.any(batch == b):
-                self.module.library_log_means[0, b] = float(log_lib[batch == b].mean())
-                self.module.library_log_vars[0, b] = float(log_lib[batch == b].var())
 
     def __repr__(self) -> str:
         a = self.architecture
@@ -557,12 +548,4 @@ class TOTALVI(BaseModel):
         return total / weight
 
     def _protein_mask(self, protein_list) -> np.ndarray:
-        names = np.asarray(self.setup.protein_names)
-        if protein_list is None:
-            return np.ones(len(names), dtype=bool)
-        protein_list = [protein_list] if isinstance(protein_list, str) else list(protein_list)
-        unknown = sorted(set(protein_list) - set(names))
-        if unknown:
-            msg = f"protein_list has {len(unknown)} proteins the model does not know: {unknown[:10]}."
-            raise ValueError(msg)
-        return np.isin(names, protein_list)
+        return names_mask(self.setup.protein_names, protein_list, "protein_list", "proteins")

@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import torch
 
 from ..nn import sample_counts, sample_nb_mixture, to_numpy
+from ._correlation import sample_correlation
 
 if TYPE_CHECKING:
     from ..data import BoundData
@@ -101,13 +102,10 @@ def feature_correlation(
 ) -> np.ndarray:
     """(genes + proteins) square correlation matrix of denoised samples, averaged over ``codes``;
     see :meth:`TOTALVI.get_feature_correlation_matrix`."""
-    from scipy.stats import spearmanr
-
     n_genes = model.module.n_input
     width = n_genes + model.module.n_proteins
-    mats = []
-    for code in codes:
-        blocks, sums, cross, n = [], np.zeros(width), np.zeros((width, width)), 0
+
+    def draws_in(code):
         with model.inference_mode():
             for _, t in model.minibatches(bound, idx, batch_size, encoder_only=True):
                 draws = to_numpy(_denoised_draws(model._decoder(t, n_samples)(code), rna_size_factor))
@@ -115,19 +113,9 @@ def feature_correlation(
                 if log_transform:
                     draws[:, :n_genes] = np.log(draws[:, :n_genes] + 1e-8)
                     draws[:, n_genes:] = np.log1p(draws[:, n_genes:])
-                if correlation_type == "spearman":
-                    blocks.append(draws)
-                else:
-                    sums += draws.sum(0)
-                    cross += draws.T @ draws
-                    n += len(draws)
-        if correlation_type == "spearman":
-            mats.append(spearmanr(np.concatenate(blocks)).statistic)
-        else:
-            cov = cross / n - np.outer(sums / n, sums / n)
-            sd = np.sqrt(np.diag(cov))
-            mats.append(cov / np.outer(sd, sd))
-    return np.mean(mats, axis=0)
+                yield draws
+
+    return np.mean([sample_correlation(draws_in(code), width, correlation_type) for code in codes], axis=0)
 
 
 def _denoised_draws(gen: dict[str, torch.Tensor], rna_size_factor: float) -> torch.Tensor:
