@@ -18,9 +18,9 @@ CITE = (
 SMALL = {"n_hidden": 64, "n_latent": 10, "progress_bar": False, "device": "cpu"}
 
 
-def _cite(n_per_batch: int = 400, n_genes: int = 600, seed: int = 0):
+def _cite(n_per_batch: int = 400, n_genes: int = 600, seed: int = 0, extra_genes=()):
     """A subset of the 2-batch CITE-seq set: cells of both batches (B, T, monocytes, NK), the
-    most variable genes by a simple dispersion rank."""
+    most variable genes by a simple dispersion rank, plus ``extra_genes``."""
     import anndata as ad
 
     if not CITE.is_file():
@@ -36,7 +36,8 @@ def _cite(n_per_batch: int = 400, n_genes: int = 600, seed: int = 0):
     X = sub.X.toarray()
     mean, var = X.mean(0), X.var(0)
     genes = np.argsort(-(var / np.maximum(mean, 1e-3)) * (mean > 0.05))[:n_genes]
-    adata = sub[:, np.sort(genes)].copy()
+    genes = np.union1d(genes, np.flatnonzero(sub.var_names.isin(list(extra_genes))))
+    adata = sub[:, genes].copy()
     adata = adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()
     adata.obsm["protein_expression"] = adata.obsm["protein_expression"].copy()
     return adata

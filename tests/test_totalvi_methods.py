@@ -5,44 +5,23 @@ the reconstruction error by modality."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from test_totalvi import _cite
 
 import scanpy_scvi as ss
 from scanpy_scvi.model import BaseModel
 
-CITE = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "pbmc10k_5k_cite_2batch_10849cells_4000genes_9prot.h5ad"
-)
 MARKERS = ["MS4A1", "CD79A", "CD3D", "CD14"]  # B-cell genes, a T-cell gene, a monocyte gene
 CD19 = "CD19_TotalSeqB"
 
 
 def _cite_small(n_per_batch: int = 150, n_genes: int = 150, seed: int = 0):
     """Cells of both batches (B, T, monocytes, NK); the most dispersed genes plus the markers."""
-    import anndata as ad
-
-    if not CITE.is_file():
-        pytest.skip(f"real data not found at {CITE}")
-    full = ad.read_h5ad(CITE)
-    keep = full.obs["cell_type"].isin(["B", "CD4 T", "CD8 T", "monocytes", "NK"]).to_numpy()
-    rng = np.random.default_rng(seed)
-    rows = np.concatenate(
-        [rng.choice(np.flatnonzero(keep & (full.obs["batch"] == b).to_numpy()), n_per_batch, replace=False)
-         for b in full.obs["batch"].cat.categories]
-    )  # fmt: skip
-    sub = full[np.sort(rows)]
-    X = sub.X.toarray()
-    mean, var = X.mean(0), X.var(0)
-    top = sub.var_names[np.argsort(-(var / np.maximum(mean, 1e-3)) * (mean > 0.05))[:n_genes]]
-    adata = sub[:, sub.var_names.isin([*top, *MARKERS])].copy()
-    adata = adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()
-    adata.obsm["protein_expression"] = adata.obsm["protein_expression"].copy()
-    return adata
+    return _cite(n_per_batch, n_genes, seed, extra_genes=MARKERS)
 
 
 @pytest.fixture(autouse=True, scope="module")
