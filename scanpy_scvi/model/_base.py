@@ -125,9 +125,10 @@ class BaseModel:
         model._assemble(setup, architecture, **kwargs)
         return model
 
-    def attach(self, adata: AnnData) -> None:
-        """Make ``adata`` (checked) the model's default data."""
-        self._bound = self.setup.bind(adata)
+    def attach(self, adata: AnnData, *, bound: BoundData | None = None) -> None:
+        """Make ``adata`` (checked) the model's default data; ``bound``: its already checked data
+        when ``adata`` is a copy of the AnnData it was bound from (no second pass over the counts)."""
+        self._bound = self.setup.bind(adata) if bound is None else bound
         self.adata = adata
 
     # -- training ------------------------------------------------------------------------------

@@ -93,9 +93,9 @@ class Run:
         """The AnnData that receives the outputs: ``adata``, or its copy (then also the model's data)."""
         if not self.args.copy:
             return adata
-        adata = adata.copy()
-        model.attach(adata)
-        return adata
+        copy = adata.copy()
+        model.attach(copy, bound=model.bind(adata))  # the same cells and counts: checked once
+        return copy
 
     def result(self, adata: AnnData, model):
         """What the call returns: the model and/or the copy, or None."""
