@@ -62,6 +62,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also estimate the held-out marginal log-likelihood with this many importance samples (0: skip; slow)",
     )
     p.add_argument("--knn", type=int, default=15, help="neighbours for the kNN cell-type purity (default: 15)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="train and infer on (default: cpu)")
+    p.add_argument(
+        "--counts-on-device",
+        choices=("auto", "off"),
+        default="auto",
+        help="ours: hold the counts on a GPU when they fit ('auto'), or build minibatches on the host ('off')",
+    )
     p.add_argument("--only", choices=("both", "ours", "scvi-tools"), default="both", help="run only one system")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -123,6 +130,7 @@ def machine_info(threads: int) -> dict:
         usable = os.cpu_count()
     return {
         "cpu_model": cpu_model(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable,
         "torch_threads_requested": threads,
@@ -264,7 +272,7 @@ def run_scvi_tools(args, adata, genes, train_idx, held_idx) -> dict:
         max_epochs=args.epochs,
         train_size=1.0,
         batch_size=args.batch_size,
-        accelerator="cpu",
+        accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
         enable_progress_bar=False,
         early_stopping=False,
@@ -294,7 +302,8 @@ def run_ours(args, adata, genes, train_idx, held_idx) -> dict:
         max_epochs=args.epochs,
         train_size=1.0,
         batch_size=args.batch_size,
-        device="cpu",
+        device=args.device,
+        counts_on_device=None if args.counts_on_device == "auto" else False,
         random_state=args.seed,
         progress_bar=False,
     )
@@ -409,6 +418,10 @@ def print_report(info: dict, setup: dict, results: dict, ratios: dict) -> None:
         f"torch threads: {info['torch_threads']} (requested {info['torch_threads_requested']}), "
         f"interop {info['torch_interop_threads']}"
     )
+    print(
+        f"device       : {setup['device']} ({info.get('gpu') or 'no GPU'}); ours' counts on device: "
+        f"{setup['counts_on_device']}"
+    )
     print(f"load average : start {setup['loadavg_start']}, end {setup['loadavg_end']}")
     print(f"platform     : {info['platform']}, Python {info['python']}")
     g = info["git"]
@@ -483,6 +496,8 @@ def main(argv=None) -> int:
 
     info = machine_info(args.threads)
     setup = {
+        "device": args.device,
+        "counts_on_device": args.counts_on_device,
         "dataset": str(path),
         "n_cells": int(adata.n_obs),
         "n_genes_total": int(adata.n_vars),

@@ -105,6 +105,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--elbo-evals", type=int, default=5, help="seeded repeats of each held-out evaluation (default: 5)")
     p.add_argument("--knn", type=int, default=15, help="neighbours of the kNN cell-type classifier (default: 15)")
     p.add_argument("--fg-protein", default="CD19", help="protein (name or name prefix) of the B vs T foreground check")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="train and infer on (default: cpu)")
+    p.add_argument(
+        "--counts-on-device",
+        choices=("auto", "off"),
+        default="auto",
+        help="ours: hold the counts on a GPU when they fit ('auto'), or build minibatches on the host ('off')",
+    )
     p.add_argument("--only", choices=("both", "ours", "scvi-tools"), default="both", help="run only one system")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -351,7 +358,7 @@ def run_scvi_tools(args, adata, genes, train_idx, held_idx, protein) -> dict:
     model.train(
         max_epochs=args.epochs,
         lr=args.lr,
-        accelerator="cpu",
+        accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=1,
         train_size=1.0,
         batch_size=args.batch_size,
@@ -403,7 +410,8 @@ def run_ours(args, adata, genes, train_idx, held_idx, protein) -> dict:
         early_stopping=False,
         reduce_lr_on_plateau=args.reduce_lr_on_plateau,
         n_steps_kl_warmup=n_warmup,
-        device="cpu",
+        device=args.device,
+        counts_on_device=None if args.counts_on_device == "auto" else False,
         random_state=args.seed,
         progress_bar=False,
     )
@@ -518,6 +526,10 @@ def print_report(info: dict, setup: dict, results: dict, ratios: dict, notes: li
         f"torch threads: {info['torch_threads']} (requested {info['torch_threads_requested']}), "
         f"interop {info['torch_interop_threads']}"
     )
+    print(
+        f"device       : {setup['device']} ({info.get('gpu') or 'no GPU'}); ours' counts on device: "
+        f"{setup['counts_on_device']}"
+    )
     print(f"load average : start {setup['loadavg_start']}, end {setup['loadavg_end']}")
     print(f"platform     : {info['platform']}, Python {info['python']}")
     g = info["git"]
@@ -628,6 +640,8 @@ def main(argv=None) -> int:
     final_kl_weight = min(1.0, (steps_per_epoch * args.epochs - 1) / n_warmup)
     info = machine_info(args.threads)
     setup = {
+        "device": args.device,
+        "counts_on_device": args.counts_on_device,
         "dataset": str(path),
         "n_cells_file": n_cells_file,
         "n_cells": int(adata.n_obs),

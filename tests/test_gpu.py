@@ -68,3 +68,12 @@ def test_pp_scvi_on_cuda(gpu_adata):
     assert adata.obsm["X_scvi"].shape == (adata.n_obs, 3)
     assert adata.obsm["X_scvi_denoised"].shape == adata.shape
     np.testing.assert_allclose(adata.obsm["X_scvi_sample_rate"].sum(1), np.asarray(adata.X.sum(1)).ravel(), rtol=1e-4)
+
+
+def test_counts_held_on_the_gpu_train_like_the_host_path(gpu_adata):
+    histories = {}
+    for on_device in (False, None):  # None: held on the GPU, since they fit
+        model = SCVI(gpu_adata, batch_key="batch", n_hidden=32, n_latent=4)
+        model.train(max_epochs=4, device="cuda", counts_on_device=on_device, progress_bar=False)
+        histories[on_device] = model.history_["elbo_validation"]
+    np.testing.assert_allclose(histories[None], histories[False], rtol=1e-3)

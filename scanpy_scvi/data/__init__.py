@@ -3,14 +3,17 @@
 from ._arguments import SetupArguments
 from ._batches import MinibatchSource
 from ._proteins import background_prior, measured_proteins
+from ._resident import ResidentSource, resident_source
 from ._setup import BoundData, DataSetup, categories
 
 __all__ = [
     "BoundData",
     "DataSetup",
     "MinibatchSource",
+    "ResidentSource",
     "SetupArguments",
     "background_prior",
     "categories",
     "measured_proteins",
+    "resident_source",
 ]

@@ -64,7 +64,7 @@ class MinibatchSource:
         self.positions = positions
         n_read = X.shape[1] if gene_idx is None else len(gene_idx)
         self.n_vars = n_read if n_vars is None else n_vars
-        self._backed = not isinstance(X, np.ndarray) and not sp.issparse(X)
+        self.backed = not isinstance(X, np.ndarray) and not sp.issparse(X)
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
         block = dense_rows(self.X, rows, self.gene_idx)
@@ -75,7 +75,7 @@ class MinibatchSource:
         return padded
 
     def _read_any_order(self, idx: np.ndarray) -> np.ndarray:
-        if not (self._backed and np.any(np.diff(idx) < 0)):
+        if not (self.backed and np.any(np.diff(idx) < 0)):
             return self._read(idx)
         order = np.argsort(idx, kind="stable")  # h5py reads increasing rows only
         X = np.empty((len(idx), self.n_vars), dtype=np.float32)

@@ -152,6 +152,7 @@ class BaseModel:
         lr_factor: float = 0.6,
         lr_patience: int = 30,
         device: str | torch.device = "auto",
+        counts_on_device: bool | None = None,
         random_state: int | None = 0,
         progress_bar: bool = True,
     ) -> None:
@@ -182,6 +183,10 @@ class BaseModel:
             stopping has not improved for ``lr_patience`` epochs (history gains ``lr``).
         device
             ``'auto'`` (CUDA if available, else CPU), ``'cpu'``, ``'cuda'`` or a torch device.
+        counts_on_device
+            Hold the model genes' counts on ``device`` (as CSR) and gather minibatches there,
+            instead of building each one on the host. ``None``: on a GPU when they take at most
+            half of its free memory. ``True`` also works on the CPU (a CSR copy of the counts).
         random_state
             Seed of the split, the shuffling and every random draw; ``0`` reproduces bit for bit
             on CPU. The global torch RNG state is left as it was.
@@ -204,7 +209,7 @@ class BaseModel:
             n_epochs_kl_warmup=n_epochs_kl_warmup, n_steps_kl_warmup=n_steps_kl_warmup, min_kl_weight=min_kl_weight,
             max_kl_weight=max_kl_weight, early_stopping=early_stopping, early_stopping_patience=early_stopping_patience,
             early_stopping_min_delta=early_stopping_min_delta, reduce_lr_on_plateau=reduce_lr_on_plateau,
-            lr_factor=lr_factor, lr_patience=lr_patience,
+            lr_factor=lr_factor, lr_patience=lr_patience, counts_on_device=counts_on_device,
         )  # fmt: skip
         self.to_device(device)
         logg.info(

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._compat import logg
+from ..data import ResidentSource, resident_source
 from ._objective import Objective, Terms, TrainContext
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class TrainConfig:
     lr_patience: int = 30
     lr_threshold: float = 0.0
     lr_min: float = 0.0
+    counts_on_device: bool | None = None  # None: on a GPU when they fit (see data.resident_source)
 
     def kl_weight(self, epoch: int, step: int = 0) -> float:
         """Linear warm-up from ``min_kl_weight`` to ``max_kl_weight``: per epoch (constant within
@@ -95,6 +97,10 @@ def train(
     """
     objective = objective or Objective()
     module.to(device)
+    if config.counts_on_device is not False:
+        source = resident_source(source, device, required=bool(config.counts_on_device))
+    if isinstance(source, ResidentSource):
+        logg.info(f"    counts held on {device} for training (minibatches gathered there)")
     grad_masks = {k: m.to(device) for k, m in (grad_masks or {}).items()}
     named = [(k, p) for k, p in module.named_parameters() if p.requires_grad]
     masked = [(p, grad_masks[k]) for k, p in named if k in grad_masks]
@@ -206,19 +212,35 @@ class Sums:
 
     def __init__(self):
         self.n = 0
-        self.recon = self.kl = self.loss = 0.0
+        self._sums = None  # float64 (recon, kl, loss) on the device: no synchronisation per step
         self.extra: dict[str, list[float]] = {}
 
     def add(self, terms: Terms) -> None:
         n = terms.reconstruction.shape[0]
         self.n += n
-        self.recon += terms.reconstruction.sum().item()
-        self.kl += terms.kl.sum().item()
-        self.loss += terms.loss.item() * n
+        step = torch.stack(
+            [terms.reconstruction.detach().sum(), terms.kl.detach().sum(), terms.loss.detach()]
+        ).double() * torch.tensor([1.0, 1.0, n], dtype=torch.float64, device=terms.loss.device)
+        self._sums = step if self._sums is None else self._sums + step
         for name, (total, count) in terms.extra.items():
             acc = self.extra.setdefault(name, [0.0, 0])
             acc[0] += total
             acc[1] += count
+
+    @property
+    def recon(self) -> float:
+        return self._totals()[0]
+
+    @property
+    def kl(self) -> float:
+        return self._totals()[1]
+
+    @property
+    def loss(self) -> float:
+        return self._totals()[2]
+
+    def _totals(self) -> list[float]:
+        return [0.0, 0.0, 0.0] if self._sums is None else self._sums.tolist()
 
     @property
     def elbo(self) -> float:
