@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import make_adata
@@ -70,10 +71,49 @@ def test_pp_scvi_on_cuda(gpu_adata):
     np.testing.assert_allclose(adata.obsm["X_scvi_sample_rate"].sum(1), np.asarray(adata.X.sum(1)).ravel(), rtol=1e-4)
 
 
-def test_counts_held_on_the_gpu_train_like_the_host_path(gpu_adata):
+def _count_replays(monkeypatch) -> list[int]:
+    replays = [0]
+    replay = torch.cuda.CUDAGraph.replay
+
+    def counted(self):
+        replays[0] += 1
+        return replay(self)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", counted)
+    return replays
+
+
+def test_counts_held_on_the_gpu_train_like_the_host_path(gpu_adata, monkeypatch):
+    replays = _count_replays(monkeypatch)
     histories = {}
-    for on_device in (False, None):  # None: held on the GPU, since they fit
+    for on_device in (False, None):  # None: held on the GPU (they fit), the step a CUDA graph
         model = SCVI(gpu_adata, batch_key="batch", n_hidden=32, n_latent=4)
-        model.train(max_epochs=4, device="cuda", counts_on_device=on_device, progress_bar=False)
-        histories[on_device] = model.history_["elbo_validation"]
-    np.testing.assert_allclose(histories[None], histories[False], rtol=1e-3)
+        model.train(max_epochs=6, device="cuda", counts_on_device=on_device, progress_bar=False)
+        histories[on_device] = model.history_
+    # 270 training cells: minibatches of 128, 128 and 14 (eager); 3 eager warm-up steps, then
+    # the capture and replays of every full minibatch
+    assert replays[0] == 2 * 6 - 3
+    for key in ("elbo_train", "elbo_validation"):
+        np.testing.assert_allclose(histories[None][key], histories[False][key], rtol=2e-3)
+
+
+def test_totalvi_on_cuda_with_and_without_the_captured_step(gpu_adata, monkeypatch):
+    adata = gpu_adata.copy()
+    rng = np.random.default_rng(0)
+    adata.obsm["protein_expression"] = pd.DataFrame(
+        rng.poisson(rng.gamma(2.0, 20.0, size=(adata.n_obs, 5))),
+        index=adata.obs_names,
+        columns=[f"P{i}" for i in range(5)],
+    )
+    replays = _count_replays(monkeypatch)
+    for plateau in (True, False):  # the learning-rate schedule keeps the step eager
+        before = replays[0]
+        model = ss.TOTALVI(adata, protein_expression_obsm_key="protein_expression", batch_key="batch", n_hidden=32,
+                           n_latent=4)  # fmt: skip
+        model.train(max_epochs=6, device="cuda", reduce_lr_on_plateau=plateau, progress_bar=False)
+        assert (replays[0] > before) is not plateau
+        assert np.all(np.isfinite(model.history_["elbo_train"]))
+        assert model.get_latent_representation().shape == (adata.n_obs, 4)
+        fg = model.get_protein_foreground_probability()
+        fg = np.asarray(fg)
+        assert fg.shape == (adata.n_obs, 5) and np.all((fg >= 0) & (fg <= 1))

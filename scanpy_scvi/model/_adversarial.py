@@ -34,6 +34,8 @@ class AdversarialObjective(Objective):
     not saved.
     """
 
+    capturable = False  # hooks and a classifier of its own
+
     def __init__(self, n_latent: int, n_batch: int, weight_decay: float = 1e-6):
         self.n_batch = n_batch
         self.classifier = Classifier(n_latent, n_batch, linear=False, **CLASSIFIER)

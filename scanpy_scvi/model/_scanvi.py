@@ -237,6 +237,8 @@ class SemiSupervisedObjective(Objective):
     reshuffled on every pass). The history gains ``classification_loss_*`` and ``accuracy_*``;
     validation cells are scored on their own known labels."""
 
+    capturable = False  # draws labelled cells on the host at every step
+
     def __init__(self, labelled_idx: np.ndarray, classification_ratio: float):
         self.labelled_idx = labelled_idx
         self.classification_ratio = classification_ratio

@@ -405,7 +405,7 @@ class TOTALVAE(nn.Module):
         ``VAE.log_likelihood``); several draws: elementwise :func:`log_nb` / :func:`log_zinb`.
         """
         mu = gen["px_rate"]
-        if mu.dim() == 2:
+        if mu.dim() == 2 and (nz_index is not None or not x.is_cuda):  # on a GPU: elementwise, no search
             if nz_index is None:
                 rows, cols = x.nonzero(as_tuple=True)
                 nz_index = rows * x.shape[1] + cols

@@ -236,10 +236,13 @@ class VAE(nn.Module):
 
         For one draw per cell (the training case) the sum is taken over the nonzero counts
         with :func:`summed_log_likelihood`, at ``nz_index`` (flat positions of the nonzero
-        entries of ``x``, found here when not given); with several draws, elementwise.
+        entries of ``x``, found here when not given on the CPU); with several draws, or on a
+        GPU without ``nz_index``, elementwise.
         """
         mu = gen["px_rate"]
         if mu.dim() == 2:
+            if nz_index is None and x.is_cuda:  # elementwise: no search (a host synchronisation)
+                return self.elementwise_log_likelihood(x, gen).sum(dim=-1)
             if nz_index is None:
                 rows, cols = x.nonzero(as_tuple=True)
                 nz_index = rows * x.shape[1] + cols

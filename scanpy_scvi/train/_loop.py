@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from .._compat import logg
 from ..data import ResidentSource, resident_source
+from ._graphs import GraphedStep
 from ._objective import Objective, Terms, TrainContext
 
 if TYPE_CHECKING:
@@ -107,8 +108,16 @@ def train(
     groups = [{"params": [p for k, p in named if k not in grad_masks], "weight_decay": config.weight_decay}]
     if masked:  # their L2 term is added to the masked gradient by hand, below
         groups.append({"params": [p for p, _ in masked], "weight_decay": 0.0})
-    optimizer = _adam([g for g in groups if g["params"]], lr=config.lr, eps=config.eps)
+    graphed = (
+        device.type == "cuda"
+        and isinstance(source, ResidentSource)  # every minibatch gathered on the device
+        and objective.capturable
+        and not masked
+        and not config.reduce_lr_on_plateau  # the captured step holds the learning rate fixed
+    )
+    optimizer = _adam([g for g in groups if g["params"]], lr=config.lr, eps=config.eps, capturable=graphed)
     scheduler = _plateau_scheduler(optimizer, config) if config.reduce_lr_on_plateau else None
+    graphed = GraphedStep(module, objective, optimizer, config.batch_size) if graphed else None
     shuffle_rng = np.random.default_rng(seed)
     objective.begin(TrainContext(source, train_idx, device, shuffle_rng, config, optimizer))
     history: dict[str, list[float]] = {}
@@ -123,13 +132,17 @@ def train(
         sums = Sums()
         for idx in minibatches(shuffle_rng.permutation(train_idx), config.batch_size):
             kl_weight = config.kl_weight(epoch, step)
-            terms = objective.loss(module, source.get(idx, device, nonzero=True), kl_weight)
-            optimizer.zero_grad(set_to_none=True)
-            terms.loss.backward()
-            for p, mask in masked:
-                if p.grad is not None:
-                    p.grad.add_(p.detach(), alpha=config.weight_decay).masked_fill_(~mask, 0.0)
-            optimizer.step()
+            terms = None
+            if graphed is not None and graphed.takes(len(idx)):
+                terms = graphed.step(source.get(idx, device), kl_weight)
+            if terms is None:
+                terms = objective.loss(module, source.get(idx, device, nonzero=True), kl_weight)
+                optimizer.zero_grad(set_to_none=True)
+                terms.loss.backward()
+                for p, mask in masked:
+                    if p.grad is not None:
+                        p.grad.add_(p.detach(), alpha=config.weight_decay).masked_fill_(~mask, 0.0)
+                optimizer.step()
             objective.after_step(module)
             sums.add(terms)
             step += 1
@@ -162,8 +175,11 @@ def train(
     return history, (best_epoch if best_state is not None else None)
 
 
-def _adam(params, **kwargs) -> torch.optim.Adam:
-    """Adam with the fused single-kernel update where this torch supports it (same algorithm)."""
+def _adam(params, *, capturable: bool = False, **kwargs) -> torch.optim.Adam:
+    """Adam with the fused single-kernel update where this torch supports it (same algorithm);
+    ``capturable`` keeps its step counts on the device, as a CUDA graph needs."""
+    if capturable:
+        kwargs["capturable"] = True
     try:
         return torch.optim.Adam(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):  # older torch, or a device without a fused kernel
@@ -218,9 +234,13 @@ class Sums:
     def add(self, terms: Terms) -> None:
         n = terms.reconstruction.shape[0]
         self.n += n
-        step = torch.stack(
-            [terms.reconstruction.detach().sum(), terms.kl.detach().sum(), terms.loss.detach()]
-        ).double() * torch.tensor([1.0, 1.0, n], dtype=torch.float64, device=terms.loss.device)
+        step = torch.stack(  # no tensor from the host: a pageable copy would wait for the device
+            [
+                terms.reconstruction.detach().sum().double(),
+                terms.kl.detach().sum().double(),
+                terms.loss.detach().double() * n,
+            ]
+        )
         self._sums = step if self._sums is None else self._sums + step
         for name, (total, count) in terms.extra.items():
             acc = self.extra.setdefault(name, [0.0, 0])

@@ -57,7 +57,14 @@ class TrainContext:
 
 class Objective:
     """The ELBO of a module whose ``loss(batch, kl_weight)`` returns ``loss``,
-    ``reconstruction_loss``, ``kl_z`` and ``kl_l`` (scVI). Subclass to add terms or hooks."""
+    ``reconstruction_loss``, ``kl_z`` and ``kl_l`` (scVI). Subclass to add terms or hooks.
+
+    ``capturable``: the loss is a function of the minibatch tensors and ``kl_weight`` (which
+    may be a 0-d tensor) alone, with no host reads and no hooks, so that the loop may capture
+    the training step as a CUDA graph. Subclasses with hooks or side state set it False.
+    """
+
+    capturable: bool = True
 
     def begin(self, context: TrainContext) -> None:
         """Called once before the first epoch."""
