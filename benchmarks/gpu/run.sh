@@ -9,7 +9,7 @@
 #    and ours again with minibatches built on the host (--counts-on-device off);
 # 4. totalVI, ours vs scvi-tools on the same card (compare_totalvi.py).
 # Every step has its own time limit and log; a failing step does not stop the others.
-# Figures: RESULTS_DIR/*.json and *.log; the summary is printed at the end.
+# Figures: RESULTS_DIR/*.json, the output in RESULTS_DIR/run.log; the summary is printed at the end.
 set -u
 cd "$(dirname "$0")/../.."
 RESULTS=${1:-${OUT:-gpu-results}}
@@ -20,13 +20,16 @@ SITE=${SITE:-/tmp/scanpy-scvi-site}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$SITE" XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PYTHON:-python3}
 
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log, record the exit status
+step() {  # step NAME SECONDS COMMAND...: run with a limit, append to run.log, record the exit status
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$RESULTS/$name.log" 2>&1
+  echo "===== $name" >>"$RESULTS/run.log"
+  timeout "$limit" "$@" >"$RESULTS/step.log" 2>&1
   local rc=$?
+  cat "$RESULTS/step.log" >>"$RESULTS/run.log"
   echo "$name: exit $rc after $((SECONDS - t0)) s" | tee -a "$RESULTS/steps.txt"
-  tail -n 40 "$RESULTS/$name.log"
+  tail -n 40 "$RESULTS/step.log"
+  rm -f "$RESULTS/step.log"
 }
 
 [ -d .whl ] && step install 180 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
