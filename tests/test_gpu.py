@@ -13,6 +13,8 @@ from scanpy_scvi import SCVI
 
 pytestmark = [
     pytest.mark.gpu,
+    # eager steps after the capture must not reuse autograd nodes made on the capture's stream
+    pytest.mark.filterwarnings("error:The AccumulateGrad node's stream:UserWarning"),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 

@@ -9,6 +9,7 @@ side stream, gradients set to None before the capture, an optimiser with ``captu
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -82,7 +83,13 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                self._terms = self._eager_in_graph()
+                terms = self._eager_in_graph()
+            # the static outputs, without the captured autograd graph: kept alive, its nodes
+            # would serve the eager steps too, from the capture's stream
+            self._terms = dataclasses.replace(
+                terms, loss=terms.loss.detach(), reconstruction=terms.reconstruction.detach(), kl=terms.kl.detach()
+            )
+            del terms
         except RuntimeError as err:
             self.failed = True
             self._static, self._terms = {}, None
