@@ -108,14 +108,42 @@ def test_totalvi_on_cuda_with_and_without_the_captured_step(gpu_adata, monkeypat
         columns=[f"P{i}" for i in range(5)],
     )
     replays = _count_replays(monkeypatch)
-    for plateau in (True, False):  # the learning-rate schedule keeps the step eager
+    for plateau in (True, False):  # the schedule fills the captured step's learning-rate tensor
         before = replays[0]
         model = ss.TOTALVI(adata, protein_expression_obsm_key="protein_expression", batch_key="batch", n_hidden=32,
                            n_latent=4)  # fmt: skip
         model.train(max_epochs=6, device="cuda", reduce_lr_on_plateau=plateau, progress_bar=False)
-        assert (replays[0] > before) is not plateau
+        assert replays[0] > before
+        assert all(isinstance(v, float) for v in model.history_.get("lr", []))
         assert np.all(np.isfinite(model.history_["elbo_train"]))
         assert model.get_latent_representation().shape == (adata.n_obs, 4)
         fg = model.get_protein_foreground_probability()
         fg = np.asarray(fg)
         assert fg.shape == (adata.n_obs, 5) and np.all((fg >= 0) & (fg <= 1))
+
+
+def test_captured_step_follows_the_learning_rate_schedule():
+    from scanpy_scvi.train import GraphedStep, Objective, Terms
+
+    class Squares(Objective):
+        def loss(self, module, batch, kl_weight):
+            r = (module(batch["X"]) ** 2).sum(-1)
+            return Terms(loss=r.mean(), reconstruction=r, kl=torch.zeros_like(r))
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 2).cuda()
+    optimizer = torch.optim.Adam(
+        module.parameters(), lr=torch.tensor(0.1, device="cuda"), fused=True, capturable=True
+    )  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.0, patience=0)
+    step = GraphedStep(module, Squares(), optimizer, batch_size=8)
+    batch = {"X": torch.randn(8, 4, device="cuda")}
+    for _ in range(6):  # warm-up, capture, replays
+        before = module.weight.detach().clone()
+        assert step.step(batch, 1.0) is not None
+        assert not torch.equal(module.weight, before)
+    scheduler.step(1.0)
+    scheduler.step(1.0)  # no improvement: the rate becomes 0
+    before = module.weight.detach().clone()
+    step.step(batch, 1.0)
+    assert torch.equal(module.weight, before)

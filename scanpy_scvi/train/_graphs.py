@@ -4,7 +4,8 @@ On a GPU the step of a model of this size (forward, backward and Adam: a few hun
 kernels) is bound by the host launching the kernels, not by the device running them. Captured
 once, the whole step is a single launch; each minibatch is first copied into the graph's
 static inputs. The recipe is PyTorch's whole-network capture: a few eager warm-up steps on a
-side stream, gradients set to None before the capture, an optimiser with ``capturable=True``.
+side stream, gradients set to None before the capture, an optimiser with ``capturable=True``
+(and, for a learning-rate schedule, the rate as a device tensor that the schedule fills).
 """
 
 from __future__ import annotations

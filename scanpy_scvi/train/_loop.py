@@ -113,9 +113,10 @@ def train(
         and isinstance(source, ResidentSource)  # every minibatch gathered on the device
         and objective.capturable
         and not masked
-        and not config.reduce_lr_on_plateau  # the captured step holds the learning rate fixed
     )
-    optimizer = _adam([g for g in groups if g["params"]], lr=config.lr, eps=config.eps, capturable=graphed)
+    # a captured step reads the learning rate from a device tensor, which the schedule fills
+    lr = torch.tensor(config.lr, device=device) if graphed and config.reduce_lr_on_plateau else config.lr
+    optimizer = _adam([g for g in groups if g["params"]], lr=lr, eps=config.eps, capturable=graphed)
     scheduler = _plateau_scheduler(optimizer, config) if config.reduce_lr_on_plateau else None
     graphed = GraphedStep(module, objective, optimizer, config.batch_size) if graphed else None
     shuffle_rng = np.random.default_rng(seed)
@@ -148,7 +149,7 @@ def train(
             step += 1
         metrics = {**sums.metrics("train"), "kl_weight": kl_weight}
         if scheduler is not None:
-            metrics["lr"] = optimizer.param_groups[0]["lr"]
+            metrics["lr"] = float(optimizer.param_groups[0]["lr"])
         if len(val_idx):
             metrics.update(
                 evaluate(module, source, val_idx, config.batch_size, device, kl_weight, objective).metrics("validation")
