@@ -35,6 +35,7 @@ class AdversarialObjective(Objective):
     """
 
     capturable = False  # hooks and a classifier of its own
+    distributable = False  # its classifier's optimiser would differ between processes
 
     def __init__(self, n_latent: int, n_batch: int, weight_decay: float = 1e-6):
         self.n_batch = n_batch

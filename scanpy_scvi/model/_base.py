@@ -31,7 +31,7 @@ from .._compat import logg
 from .._settings import check_positive_int
 from ..data import BoundData, DataSetup
 from ..nn import to_numpy
-from ..train import Objective, TrainConfig, evaluate, train
+from ..train import Distributed, Objective, TrainConfig, evaluate, train
 from ._device import resolve_device, seeded_on
 from ._io import FORMAT, FORMAT_VERSION, read_model_dir, write_model_dir
 from ._selection import cell_positions, names_mask
@@ -153,6 +153,7 @@ class BaseModel:
         lr_patience: int = 30,
         device: str | torch.device = "auto",
         counts_on_device: bool | None = None,
+        strategy: str | None = None,
         random_state: int | None = 0,
         progress_bar: bool = True,
     ) -> None:
@@ -187,6 +188,11 @@ class BaseModel:
             Hold the model genes' counts on ``device`` (as CSR) and gather minibatches there,
             instead of building each one on the host. ``None``: on a GPU when they take at most
             half of its free memory. ``True`` also works on the CPU (a CSR copy of the counts).
+        strategy
+            ``'ddp'``: train across the processes of a ``torchrun`` launch (gloo on CPU, NCCL
+            on CUDA, one GPU per process). Every process runs the same script on the same data
+            and trains on its share of each minibatch (``batch_size`` cells per process); the
+            weights and the history are the same in every process. See "Large data" in the docs.
         random_state
             Seed of the split, the shuffling and every random draw; ``0`` reproduces bit for bit
             on CPU. The global torch RNG state is left as it was.
@@ -211,12 +217,21 @@ class BaseModel:
             early_stopping_min_delta=early_stopping_min_delta, reduce_lr_on_plateau=reduce_lr_on_plateau,
             lr_factor=lr_factor, lr_patience=lr_patience, counts_on_device=counts_on_device,
         )  # fmt: skip
+        distributed = None
+        if strategy == "ddp":
+            distributed = Distributed(resolve_device(device))
+            device = distributed.device
+        elif strategy is not None:
+            msg = f"strategy must be None or 'ddp', got {strategy!r}."
+            raise ValueError(msg)
         self.to_device(device)
         logg.info(
             f"training {self.name} on {len(train_idx)} cells ({len(val_idx)} held out) for {max_epochs} epochs "
             f"on {self.device}"
         )
-        with seeded_on(random_state, self.device):
+        # the same shuffles on every process; its own dropout draws in each
+        torch_seed = random_state if distributed is None or random_state is None else random_state + distributed.rank
+        with seeded_on(torch_seed, self.device):
             history, best_epoch = train(
                 self.module,
                 bound.source,
@@ -229,9 +244,12 @@ class BaseModel:
                 progress_bar=progress_bar,
                 grad_masks=self.trainable_masks,
                 desc=f"Training {self.name}",
+                distributed=distributed,
             )
         self.history_ = history
         self.train_config = {**vars(config), "train_size": train_size, "random_state": random_state}
+        if distributed is not None:
+            self.train_config.update(strategy=strategy, world_size=distributed.world_size)
         if best_epoch is not None:
             self.train_config["best_epoch"] = best_epoch
         self.train_indices, self.validation_indices = train_idx, val_idx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .._compat import logg
 from ..data import ResidentSource, resident_source
+from ._distributed import Distributed
 from ._graphs import GraphedStep
 from ._objective import Objective, Terms, TrainContext
 
@@ -80,6 +82,7 @@ def train(
     progress_bar: bool = True,
     grad_masks: dict[str, torch.Tensor] | None = None,
     desc: str = "Training",
+    distributed: Distributed | None = None,
 ) -> tuple[dict[str, list[float]], int | None]:
     """Train ``module`` in place on ``objective`` (default the ELBO); return the per-epoch
     history and the restored best epoch.
@@ -95,10 +98,15 @@ def train(
     parameters (reference mapping): masked-out entries get exactly zero gradient and no
     weight decay, so Adam leaves them bit-identical. Parameters with ``requires_grad=False``
     are not optimised at all.
+
+    ``distributed`` (a torchrun launch): every rank draws the same global minibatches of
+    ``batch_size`` x world size cells and trains on its share; gradients, epoch sums and
+    validation sums are all-reduced, so every rank records the same history and keeps the same
+    weights (rank 0's batch-norm statistics at the end).
     """
     objective = objective or Objective()
     module.to(device)
-    if config.counts_on_device is not False:
+    if config.counts_on_device is not False and distributed is None:
         source = resident_source(source, device, required=bool(config.counts_on_device))
     if isinstance(source, ResidentSource):
         logg.info(f"    counts held on {device} for training (minibatches gathered there)")
@@ -109,7 +117,8 @@ def train(
     if masked:  # their L2 term is added to the masked gradient by hand, below
         groups.append({"params": [p for p, _ in masked], "weight_decay": 0.0})
     graphed = (
-        device.type == "cuda"
+        distributed is None
+        and device.type == "cuda"
         and isinstance(source, ResidentSource)  # every minibatch gathered on the device
         and objective.capturable
         and not masked
@@ -119,6 +128,12 @@ def train(
     optimizer = _adam([g for g in groups if g["params"]], lr=lr, eps=config.eps, capturable=graphed)
     scheduler = _plateau_scheduler(optimizer, config) if config.reduce_lr_on_plateau else None
     graphed = GraphedStep(module, objective, optimizer, config.batch_size) if graphed else None
+    loss_of = functools.partial(objective.loss, module)
+    if distributed is not None:
+        if not objective.distributable:
+            msg = f"{type(objective).__name__} cannot train across processes (strategy='ddp')."
+            raise ValueError(msg)
+        loss_of = distributed.wrap(module, objective)
     shuffle_rng = np.random.default_rng(seed)
     objective.begin(TrainContext(source, train_idx, device, shuffle_rng, config, optimizer))
     history: dict[str, list[float]] = {}
@@ -131,13 +146,13 @@ def train(
         module.train()
         objective.epoch_start(module, epoch)
         sums = Sums()
-        for idx in minibatches(shuffle_rng.permutation(train_idx), config.batch_size):
+        for idx in _epoch_minibatches(shuffle_rng.permutation(train_idx), config.batch_size, distributed):
             kl_weight = config.kl_weight(epoch, step)
             terms = None
             if graphed is not None and graphed.takes(len(idx)):
                 terms = graphed.step(source.get(idx, device), kl_weight)
             if terms is None:
-                terms = objective.loss(module, source.get(idx, device, nonzero=True), kl_weight)
+                terms = loss_of(source.get(idx, device, nonzero=True), kl_weight)
                 optimizer.zero_grad(set_to_none=True)
                 terms.loss.backward()
                 for p, mask in masked:
@@ -147,13 +162,17 @@ def train(
             objective.after_step(module)
             sums.add(terms)
             step += 1
+        if distributed is not None:
+            sums.reduce(distributed)
         metrics = {**sums.metrics("train"), "kl_weight": kl_weight}
         if scheduler is not None:
             metrics["lr"] = float(optimizer.param_groups[0]["lr"])
         if len(val_idx):
-            metrics.update(
-                evaluate(module, source, val_idx, config.batch_size, device, kl_weight, objective).metrics("validation")
-            )
+            shard = val_idx if distributed is None else np.array_split(val_idx, distributed.world_size)[distributed.rank]
+            val = evaluate(module, source, shard, config.batch_size, device, kl_weight, objective)
+            if distributed is not None:
+                val.reduce(distributed)
+            metrics.update(val.metrics("validation"))
         for k, v in metrics.items():
             history.setdefault(k, []).append(v)
         bar.set_postfix(elbo=f"{metrics[monitor]:.1f}", refresh=False)
@@ -172,8 +191,18 @@ def train(
     bar.close()
     if best_state is not None:
         module.load_state_dict(best_state)
+    if distributed is not None:
+        distributed.broadcast_buffers(module)
     module.eval()
     return history, (best_epoch if best_state is not None else None)
+
+
+def _epoch_minibatches(perm: np.ndarray, batch_size: int, distributed: Distributed | None) -> list[np.ndarray]:
+    """The epoch's minibatches of this process: all of them, or its share of each global one."""
+    if distributed is None:
+        return minibatches(perm, batch_size)
+    world = distributed.world_size
+    return distributed.shard(minibatches(perm, batch_size * world, min_size=3 * world))
 
 
 def _adam(params, *, capturable: bool = False, **kwargs) -> torch.optim.Adam:
@@ -247,6 +276,23 @@ class Sums:
             acc = self.extra.setdefault(name, [0.0, 0])
             acc[0] += total
             acc[1] += count
+
+    def reduce(self, distributed: Distributed) -> None:
+        """Sum this epoch's totals over the ranks (every rank then holds the same)."""
+        names = sorted(self.extra)
+        sums = self._sums if self._sums is not None else torch.zeros(3, dtype=torch.float64)
+        local = torch.cat(
+            [
+                torch.tensor([float(self.n)], dtype=torch.float64),
+                sums.detach().cpu(),
+                torch.tensor([v for name in names for v in self.extra[name]], dtype=torch.float64),
+            ]
+        ).to(distributed.device)
+        total = distributed.sum(local).cpu()
+        self.n = int(total[0])
+        self._sums = total[1:4]
+        for i, name in enumerate(names):
+            self.extra[name] = [float(total[4 + 2 * i]), int(total[5 + 2 * i])]
 
     @property
     def recon(self) -> float:

@@ -65,6 +65,9 @@ class Objective:
     """
 
     capturable: bool = True
+    #: The loss can train across processes (strategy='ddp'): it trains only the module's
+    #: parameters, whose gradients DDP all-reduces (not, e.g., a classifier of its own).
+    distributable: bool = True
 
     def begin(self, context: TrainContext) -> None:
         """Called once before the first epoch."""
