@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def _fit(args: argparse.Namespace) -> int:
     import anndata as ad
 
     from .pp import REFERENCE_MAPPING, scvi
+    from .train import rank
 
     adata = ad.read_h5ad(args.input)
     for key in (args.batch_key, args.labels_key):
@@ -55,11 +57,22 @@ def _fit(args: argparse.Namespace) -> int:
         linear_decoder=args.linear_decoder,
         use_highly_variable_genes=not args.all_genes,
         expression=not args.latent_only,
+        strategy=_strategy(args.strategy),
         **_run_options(args),
         **(REFERENCE_MAPPING if args.reference_mapping else {}),
     )
-    _write(adata, model, args, "the model")
+    if rank() == 0:  # under torchrun every process has the same model and outputs
+        _write(adata, model, args, "the model")
     return 0
+
+
+def _strategy(choice: str) -> str | None:
+    """``--strategy``: 'auto' is DDP when torchrun launched several processes."""
+    from .train import launched
+
+    if choice == "auto":
+        return "ddp" if launched() and int(os.environ.get("WORLD_SIZE", 1)) > 1 else None
+    return None if choice == "none" else choice
 
 
 def _map(args: argparse.Namespace) -> int:
@@ -159,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=2000,
         help="HVGs to select when var['highly_variable'] is missing (default 2000)",
+    )
+    fit.add_argument(
+        "--strategy",
+        choices=("auto", "none", "ddp"),
+        default="auto",
+        help="ddp: train across the processes of a torchrun launch (auto: when torchrun started several)",
     )
     fit.add_argument("--all-genes", action="store_true", help="train on all genes instead of HVGs")
     fit.add_argument("--linear-decoder", action="store_true", help="fit LDVAE (writes uns['ldvae_loadings'])")

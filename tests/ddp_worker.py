@@ -69,6 +69,7 @@ def main() -> None:
     }
     if r == 0:
         held = adata[np.flatnonzero(adata.obs["heldout"].to_numpy())].to_memory()
+        torch.manual_seed(0)  # the ELBO estimate draws z
         record["heldout_elbo"] = model.get_elbo(adata=held)
         model.save(args.out / "model")
         np.save(args.out / "latent.npy", model.get_latent_representation(adata=adata.to_memory()))

@@ -95,3 +95,21 @@ def test_ddp_outside_torchrun_is_a_clear_error(monkeypatch):
         model.train(max_epochs=1, strategy="ddp", progress_bar=False)
     with pytest.raises(ValueError, match="strategy"):
         model.train(max_epochs=1, strategy="fsdp", progress_bar=False)
+
+
+def test_cli_fit_under_torchrun_writes_once(runs):
+    import anndata as ad
+
+    out = runs["tmp"] / "cli"
+    out.mkdir()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    _run(
+        [*torchrun, "-m", "scanpy_scvi.cli", "fit", str(runs["data"]), "-o", str(out / "fit.h5ad"),
+         "--model-dir", str(out / "model"), "--batch-key", "batch", "--epochs", "2", "--all-genes",
+         "--latent-only", "--device", "cpu", "--quiet"],
+        runs["tmp"],
+    )  # fmt: skip
+    fitted = ad.read_h5ad(out / "fit.h5ad")
+    assert fitted.obsm["X_scvi"].shape == (fitted.n_obs, 10)
+    model = SCVI.load(out / "model", adata=fitted)
+    assert model.train_config["strategy"] == "ddp" and model.train_config["world_size"] == 2

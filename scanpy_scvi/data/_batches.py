@@ -128,7 +128,9 @@ def _torch_csr(block: sp.csr_matrix) -> torch.Tensor:
     block = block.astype(np.float32, copy=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning)
+        warnings.filterwarnings(
+            "ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning
+        )
         return torch.sparse_csr_tensor(
             torch.from_numpy(block.indptr.astype(np.int64)),
             torch.from_numpy(block.indices.astype(np.int64)),

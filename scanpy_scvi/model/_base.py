@@ -189,10 +189,8 @@ class BaseModel:
             instead of building each one on the host. ``None``: on a GPU when they take at most
             half of its free memory. ``True`` also works on the CPU (a CSR copy of the counts).
         strategy
-            ``'ddp'``: train across the processes of a ``torchrun`` launch (gloo on CPU, NCCL
-            on CUDA, one GPU per process). Every process runs the same script on the same data
-            and trains on its share of each minibatch (``batch_size`` cells per process); the
-            weights and the history are the same in every process. See "Large data" in the docs.
+            ``'ddp'``: train across the processes of a ``torchrun`` launch, ``batch_size`` cells
+            per process and step; every process ends with the same weights (docs: "Large data").
         random_state
             Seed of the split, the shuffling and every random draw; ``0`` reproduces bit for bit
             on CPU. The global torch RNG state is left as it was.
@@ -217,20 +215,13 @@ class BaseModel:
             early_stopping_min_delta=early_stopping_min_delta, reduce_lr_on_plateau=reduce_lr_on_plateau,
             lr_factor=lr_factor, lr_patience=lr_patience, counts_on_device=counts_on_device,
         )  # fmt: skip
-        distributed = None
-        if strategy == "ddp":
-            distributed = Distributed(resolve_device(device))
-            device = distributed.device
-        elif strategy is not None:
-            msg = f"strategy must be None or 'ddp', got {strategy!r}."
-            raise ValueError(msg)
-        self.to_device(device)
+        distributed = Distributed.for_strategy(strategy, resolve_device(device))
+        self.to_device(device if distributed is None else distributed.device)
         logg.info(
             f"training {self.name} on {len(train_idx)} cells ({len(val_idx)} held out) for {max_epochs} epochs "
             f"on {self.device}"
         )
-        # the same shuffles on every process; its own dropout draws in each
-        torch_seed = random_state if distributed is None or random_state is None else random_state + distributed.rank
+        torch_seed = random_state if distributed is None else distributed.torch_seed(random_state)
         with seeded_on(torch_seed, self.device):
             history, best_epoch = train(
                 self.module,

@@ -34,6 +34,12 @@ class RunArguments(Settings):
     )
     use_cuda: bool = setting(True, "``False`` forces the CPU; ``True`` uses CUDA when available (see ``device``).")
     device: str = setting("auto", "``'auto'`` (CUDA if available, else CPU), ``'cpu'``, ``'cuda'`` or ``'cuda:N'``.")
+    strategy: str | None = setting(
+        None,
+        "``'ddp'``: train across the processes of a ``torchrun`` launch (gloo on CPU, NCCL on CUDA); every "
+        "process gets the same model and outputs (write files from rank 0: ``scanpy_scvi.train.rank() == 0``).",
+        choices=(None, "ddp"),
+    )
     random_state: int | None = setting(
         0,
         "Seed of initialisation, split, shuffling and sampling; ``0`` gives identical results on CPU run after "

@@ -102,7 +102,7 @@ def scanvi(
                        random_state=run.random_state, **setup_args, **architecture)  # fmt: skip
     model.train(
         run.max_epochs, lr=lr, train_size=train_size, batch_size=batch_size, classification_ratio=classification_ratio,
-        early_stopping=early_stopping, device=run.device, random_state=run.random_state, progress_bar=run.progress_bar,
+        early_stopping=early_stopping, device=run.device, strategy=run.strategy, random_state=run.random_state, progress_bar=run.progress_bar,
     )  # fmt: skip
 
     adata = run.target(adata, model)

@@ -136,7 +136,7 @@ def scvi(
                  **architecture)  # fmt: skip
     model.train(
         max_epochs=run.max_epochs, lr=lr, train_size=train_size, batch_size=batch_size, early_stopping=early_stopping,
-        device=run.device, random_state=run.random_state, progress_bar=run.progress_bar, **extra_train,
+        device=run.device, strategy=run.strategy, random_state=run.random_state, progress_bar=run.progress_bar, **extra_train,
     )  # fmt: skip
 
     adata = run.target(adata, model)

@@ -118,7 +118,7 @@ def totalvi(
     model.train(
         run.max_epochs, lr=lr, train_size=train_size, batch_size=batch_size, early_stopping=early_stopping,
         reduce_lr_on_plateau=reduce_lr_on_plateau, adversarial_classifier=adversarial_classifier, device=run.device,
-        random_state=run.random_state, progress_bar=run.progress_bar,
+        strategy=run.strategy, random_state=run.random_state, progress_bar=run.progress_bar,
     )  # fmt: skip
 
     adata = run.target(adata, model)

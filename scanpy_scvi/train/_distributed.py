@@ -10,6 +10,7 @@ so that the history, the KL schedule, early stopping and the learning-rate sched
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .._compat import logg
+from ._objective import Objective, Terms
 
 LAUNCH_HINT = "torchrun --standalone --nproc-per-node 2 your_script.py"
 
@@ -54,6 +56,21 @@ class Distributed:
         self.world_size = dist.get_world_size()
         logg.info(f"    rank {self.rank} of {self.world_size} ({dist.get_backend()}) on {device}")
 
+    @classmethod
+    def for_strategy(cls, strategy: str | None, device: torch.device) -> Distributed | None:
+        """The process group for ``strategy`` (``'ddp'``), or None (one process)."""
+        if strategy is None:
+            return None
+        if strategy != "ddp":
+            msg = f"strategy must be None or 'ddp', got {strategy!r}."
+            raise ValueError(msg)
+        return cls(device)
+
+    def torch_seed(self, random_state: int | None) -> int | None:
+        """This rank's torch seed: its own dropout and sampling draws (the shuffles, drawn from
+        ``random_state`` itself, are the same on every rank); rank 0 draws as one process does."""
+        return None if random_state is None else random_state + self.rank
+
     def shard(self, global_batches: list[np.ndarray]) -> list[np.ndarray]:
         """This rank's part of each global minibatch (parts differ in size by at most one)."""
         return [np.array_split(b, self.world_size)[self.rank] for b in global_batches]
@@ -63,11 +80,12 @@ class Distributed:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values
 
-    def wrap(self, module: nn.Module, objective) -> DistributedDataParallel:
-        """The objective's loss of ``module`` as a DDP module: calling it computes the loss
-        whose backward all-reduces the gradients."""
+    def wrap(self, module: nn.Module, objective: Objective) -> Callable[[dict, float], Terms]:
+        """``objective.loss`` of ``module`` through DDP: its backward all-reduces the gradients."""
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(_ObjectiveLoss(module, objective), device_ids=ids, find_unused_parameters=True)
+        # static graph: the same parameters take part in every step (DDP finds unused ones once)
+        ddp = DistributedDataParallel(_ObjectiveLoss(module, objective), device_ids=ids, static_graph=True)
+        return lambda batch, kl_weight: Terms(*ddp(batch, kl_weight))
 
     def broadcast_buffers(self, module: nn.Module) -> None:
         """Rank 0's buffers (batch-norm statistics) on every rank."""
@@ -84,11 +102,12 @@ class Distributed:
 class _ObjectiveLoss(nn.Module):
     """``objective.loss(module, batch, kl_weight)`` as a forward, the form DDP synchronises."""
 
-    def __init__(self, module: nn.Module, objective):
+    def __init__(self, module: nn.Module, objective: Objective):
         super().__init__()
         self.module = module
         self.objective = objective
 
-    def forward(self, batch: dict[str, torch.Tensor], kl_weight: float):
+    def forward(self, batch: dict[str, torch.Tensor], kl_weight: float) -> tuple:
         terms = self.objective.loss(self.module, batch, kl_weight)
-        return terms
+        # a tuple, which DDP looks into (its hooks attach to the output tensors), not a dataclass
+        return terms.loss, terms.reconstruction, terms.kl, terms.extra

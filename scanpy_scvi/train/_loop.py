@@ -168,7 +168,9 @@ def train(
         if scheduler is not None:
             metrics["lr"] = float(optimizer.param_groups[0]["lr"])
         if len(val_idx):
-            shard = val_idx if distributed is None else np.array_split(val_idx, distributed.world_size)[distributed.rank]
+            shard = (
+                val_idx if distributed is None else np.array_split(val_idx, distributed.world_size)[distributed.rank]
+            )
             val = evaluate(module, source, shard, config.batch_size, device, kl_weight, objective)
             if distributed is not None:
                 val.reduce(distributed)
