@@ -113,3 +113,14 @@ def test_cli_fit_under_torchrun_writes_once(runs):
     assert fitted.obsm["X_scvi"].shape == (fitted.n_obs, 10)
     model = SCVI.load(out / "model", adata=fitted)
     assert model.train_config["strategy"] == "ddp" and model.train_config["world_size"] == 2
+
+
+def test_ranks_read_their_own_blocks_of_a_backed_file_and_stay_identical(runs):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    out = runs["tmp"] / "blocks"
+    _run([*torchrun, str(WORKER), str(runs["data"]), str(out), "--batch-size", "64", "--ddp", "--blocks",
+          "--epochs", "3"], runs["tmp"])  # fmt: skip
+    rank0, rank1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["step_hashes"] == rank1["step_hashes"] and len(rank0["step_hashes"]) > 0
+    assert rank0["final_state"] == rank1["final_state"]
+    assert rank0["history"] == rank1["history"] and np.all(np.isfinite(rank0["history"]["elbo_train"]))

@@ -349,13 +349,13 @@ def test_training_gradients_equal_the_elementwise_reference(gene_likelihood, dis
 def test_flat_nonzero_survives_explicit_zeros_and_duplicates():
     import scipy.sparse as sp
 
-    from scanpy_scvi.data._batches import _flat_nonzero
+    from scanpy_scvi.data._batches import flat_nonzero
 
     block = sp.csr_matrix((np.array([1.0, 0.0, 2.0, 3.0]), np.array([0, 1, 2, 2]), np.array([0, 2, 4])), shape=(2, 3))
     dense = block.toarray()  # duplicates (row 1, col 2) summed to 5; the explicit zero is no count
-    np.testing.assert_array_equal(_flat_nonzero(block, dense), np.flatnonzero(dense))
+    np.testing.assert_array_equal(flat_nonzero(block, dense), np.flatnonzero(dense))
     clean = sp.csr_matrix(dense)
-    np.testing.assert_array_equal(_flat_nonzero(clean, dense), [0, 5])
+    np.testing.assert_array_equal(flat_nonzero(clean, dense), [0, 5])
 
 
 @pytest.mark.parametrize(

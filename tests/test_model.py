@@ -480,7 +480,7 @@ def test_matrix_formats_give_identical_results(tmp_path):
     backed = ad.read_h5ad(tmp_path / "csr.h5ad", backed="r")
 
     latents, weights = [], []
-    for data in (csr, dense, csc, backed):
+    for data in (csr, dense, csc):
         model = SCVI(data, batch_key="batch", n_hidden=16, n_latent=3)
         model.train(max_epochs=2, batch_size=50, progress_bar=False)
         weights.append({k: v.clone() for k, v in model.module.state_dict().items()})
@@ -489,6 +489,9 @@ def test_matrix_formats_give_identical_results(tmp_path):
         assert all(torch.equal(w[k], weights[0][k]) for k in w)
     for z in latents[1:]:  # inference on CSR multiplies only the nonzeros: summation order differs
         np.testing.assert_allclose(z, latents[0], rtol=1e-5, atol=1e-6)
+    # the same model on the backed file: the same numbers (training on disk reads in blocks,
+    # a different order: tests/test_blocks.py)
+    np.testing.assert_allclose(model.get_latent_representation(adata=backed), latents[-1], rtol=1e-5, atol=1e-6)
     # inference on another format, with unsorted indices on the backed file
     idx = np.array([7, 2, 99, 0])
     np.testing.assert_allclose(

@@ -102,7 +102,7 @@ class MinibatchSource:
             else:
                 dense = block.toarray().astype(np.float32, copy=False)
                 out["X"] = torch.from_numpy(dense)
-                out["nz_index"] = torch.from_numpy(_flat_nonzero(block, dense))
+                out["nz_index"] = torch.from_numpy(flat_nonzero(block, dense))
         else:
             out["X"] = torch.from_numpy(self._read_any_order(idx))
         for key, values in self.obs.items():
@@ -110,7 +110,7 @@ class MinibatchSource:
         return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
-def _flat_nonzero(block: sp.csr_matrix, dense: np.ndarray) -> np.ndarray:
+def flat_nonzero(block: sp.csr_matrix, dense: np.ndarray) -> np.ndarray:
     """Row-major flat positions of the nonzero entries of ``dense``, read from its CSR ``block``.
 
     Falls back to searching ``dense`` when the structure is not one entry per nonzero

@@ -28,6 +28,8 @@ class ResidentSource:
     the nonzero entries of ``X`` in increasing order. ``obs`` keeps the host arrays.
     """
 
+    backed = False
+
     def __init__(self, source: MinibatchSource, device: torch.device | str):
         self.device = torch.device(device)
         self.n_obs, self.n_vars = source.n_obs, source.n_vars

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._compat import logg
-from ..data import ResidentSource, resident_source
+from ..data import ResidentSource, epoch_minibatches, minibatches, resident_source, stream
 from ._distributed import Distributed
 from ._graphs import GraphedStep
 from ._objective import Objective, Terms, TrainContext
@@ -54,19 +54,6 @@ class TrainConfig:
         if not length or done >= length:
             return self.max_kl_weight
         return self.min_kl_weight + (self.max_kl_weight - self.min_kl_weight) * done / length
-
-
-def minibatches(indices: np.ndarray, batch_size: int, min_size: int = 3) -> list[np.ndarray]:
-    """Split ``indices`` into minibatches; a tail smaller than ``min_size`` joins the previous one.
-
-    BatchNorm cannot train on a single cell (the classic "Expected more than 1 value per
-    channel" crash); merging the tail keeps every cell in every epoch.
-    """
-    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    if len(batches) > 1 and len(batches[-1]) < min_size:
-        tail = batches.pop()
-        batches[-1] = np.concatenate([batches[-1], tail])
-    return batches
 
 
 def train(
@@ -146,13 +133,18 @@ def train(
         module.train()
         objective.epoch_start(module, epoch)
         sums = Sums()
-        for idx in _epoch_minibatches(shuffle_rng.permutation(train_idx), config.batch_size, distributed):
+        batches = epoch_minibatches(
+            train_idx, shuffle_rng, config.batch_size, blocks=getattr(source, "backed", False),
+            rank=0 if distributed is None else distributed.rank,
+            world_size=1 if distributed is None else distributed.world_size,
+        )  # fmt: skip
+        for idx, batch in zip(batches, stream(source, batches, device), strict=True):
             kl_weight = config.kl_weight(epoch, step)
             terms = None
             if graphed is not None and graphed.takes(len(idx)):
-                terms = graphed.step(source.get(idx, device), kl_weight)
+                terms = graphed.step({k: v for k, v in batch.items() if k != "nz_index"}, kl_weight)
             if terms is None:
-                terms = loss_of(source.get(idx, device, nonzero=True), kl_weight)
+                terms = loss_of(batch, kl_weight)
                 optimizer.zero_grad(set_to_none=True)
                 terms.loss.backward()
                 for p, mask in masked:
@@ -199,14 +191,6 @@ def train(
     return history, (best_epoch if best_state is not None else None)
 
 
-def _epoch_minibatches(perm: np.ndarray, batch_size: int, distributed: Distributed | None) -> list[np.ndarray]:
-    """The epoch's minibatches of this process: all of them, or its share of each global one."""
-    if distributed is None:
-        return minibatches(perm, batch_size)
-    world = distributed.world_size
-    return distributed.shard(minibatches(perm, batch_size * world, min_size=3 * world))
-
-
 def _adam(params, *, capturable: bool = False, **kwargs) -> torch.optim.Adam:
     """Adam with the fused single-kernel update where this torch supports it (same algorithm);
     ``capturable`` keeps its step counts on the device, as a CUDA graph needs."""
@@ -247,10 +231,8 @@ def evaluate(
     was_training = module.training
     module.eval()
     sums = Sums()
-    for start in range(0, len(idx), batch_size):
-        sums.add(
-            objective.evaluate(module, source.get(idx[start : start + batch_size], device, nonzero=True), kl_weight)
-        )
+    for batch in stream(source, minibatches(idx, batch_size, min_size=1), device):
+        sums.add(objective.evaluate(module, batch, kl_weight))
     module.train(was_training)
     return sums
 

@@ -1,0 +1,93 @@
+"""Counts on disk: epochs read in blocks of rows, served by a reader that reads ahead."""
+
+from __future__ import annotations
+
+import threading
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from conftest import make_adata
+
+from scanpy_scvi import SCVI
+from scanpy_scvi.data import BlockReader, DataSetup, epoch_minibatches, minibatches
+
+
+def test_block_epoch_covers_every_cell_once_from_few_blocks():
+    cells = np.sort(np.random.default_rng(0).choice(10_000, 9_000, replace=False))
+    batches = epoch_minibatches(cells, np.random.default_rng(1), 128, blocks=True, block_rows=100, buffer_blocks=4)
+    seen = np.concatenate(batches)
+    assert np.array_equal(np.sort(seen), cells)
+    # the blocks come in a random order, and a minibatch draws from one buffer (two at a seam)
+    assert all(len(np.unique(b // 100)) <= 8 for b in batches)
+    first_blocks = [b // 100 for b in batches[:3]]
+    assert not np.array_equal(
+        np.sort(np.unique(np.concatenate(first_blocks))), np.arange(len(np.unique(np.concatenate(first_blocks))))
+    )
+    # the same rng gives the same epoch; cells differ in order from the full shuffle
+    again = epoch_minibatches(cells, np.random.default_rng(1), 128, blocks=True, block_rows=100, buffer_blocks=4)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def test_block_epoch_deals_blocks_to_ranks_with_equal_steps():
+    cells = np.arange(5_000)
+    parts = [
+        epoch_minibatches(cells, np.random.default_rng(3), 64, blocks=True, rank=r, world_size=3, block_rows=100)
+        for r in range(3)
+    ]
+    assert len({len(p) for p in parts}) == 1  # the same number of steps on every rank
+    blocks = [set(np.unique(np.concatenate(p) // 100).tolist()) for p in parts]
+    assert not (blocks[0] & blocks[1]) and not (blocks[1] & blocks[2]) and not (blocks[0] & blocks[2])
+    assert np.array_equal(np.sort(np.concatenate([np.concatenate(p) for p in parts])), cells)
+    assert all(len(b) >= 3 for p in parts for b in p)
+
+
+def test_full_shuffle_epoch_is_the_permutation_the_loop_always_drew():
+    cells = np.arange(1_000)
+    batches = epoch_minibatches(cells, np.random.default_rng(5), 128)
+    want = minibatches(np.random.default_rng(5).permutation(cells), 128)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, want, strict=True))
+
+
+def test_reader_gives_the_in_memory_tensors(tmp_path):
+    adata = make_adata(n_obs=500, n_vars=40, random_state=2)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    setup = DataSetup.from_adata(adata[:, 5:35].copy(), batch_key="batch", labels_key="labels")
+    memory, disk = setup.bind(adata).source, setup.bind(backed).source
+    assert disk.backed and not memory.backed
+    batches = epoch_minibatches(
+        np.arange(500), np.random.default_rng(0), 37, blocks=True, block_rows=64, buffer_blocks=2
+    )
+    before = threading.active_count()
+    for rows, got in zip(batches, BlockReader(disk, block_rows=64, ahead=3).stream(batches, nonzero=True), strict=True):
+        want = memory.get(rows, nonzero=True)
+        assert set(got) == set(want)
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+    assert threading.active_count() == before  # the read-ahead thread has ended
+    backed.file.close()
+
+
+def test_reader_error_reaches_the_training_loop(tmp_path):
+    adata = make_adata(n_obs=200, n_vars=20)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    source = DataSetup.from_adata(adata).bind(backed).source
+    source.gene_idx = np.array([0, 99])  # a column the file does not have
+    with pytest.raises(IndexError):
+        list(BlockReader(source, block_rows=50).stream([np.arange(10)]))
+    backed.file.close()
+
+
+def test_training_on_a_backed_file_reads_blocks_and_learns(tmp_path):
+    adata = make_adata(n_obs=400, n_vars=30, random_state=4)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    model = SCVI(backed, batch_key="batch", n_hidden=16, n_latent=3)
+    model.train(max_epochs=8, batch_size=64, progress_bar=False)
+    elbo = model.history_["elbo_train"]
+    assert np.all(np.isfinite(elbo)) and elbo[-1] < elbo[0]
+    assert model.get_latent_representation().shape == (400, 3)
+    backed.file.close()
