@@ -91,3 +91,45 @@ def test_training_on_a_backed_file_reads_blocks_and_learns(tmp_path):
     assert np.all(np.isfinite(elbo)) and elbo[-1] < elbo[0]
     assert model.get_latent_representation().shape == (400, 3)
     backed.file.close()
+
+
+def test_a_zarr_store_trains_as_a_backed_file(tmp_path):
+    import zarr
+
+    adata = make_adata(n_obs=300, n_vars=25, random_state=8)
+    with pytest.warns(UserWarning, match="zarr"):  # anndata's note on the zarr format version
+        adata.write_zarr(tmp_path / "a.zarr")
+    store = zarr.open(tmp_path / "a.zarr", mode="r")
+    lazy = ad.AnnData(X=ad.io.sparse_dataset(store["X"]), obs=adata.obs, var=adata.var)  # counts stay on disk
+    model = SCVI(lazy, batch_key="batch", n_hidden=16, n_latent=3)
+    assert model.bind().source.backed
+    model.train(max_epochs=2, batch_size=64, progress_bar=False)
+    in_memory = model.get_latent_representation(adata=adata)
+    np.testing.assert_allclose(model.get_latent_representation(), in_memory, rtol=1e-5, atol=1e-6)
+
+
+def test_several_files_as_one_on_disk_with_genes_matched_by_name(tmp_path):
+    first = make_adata(n_obs=200, n_vars=30, random_state=1)
+    second = make_adata(n_obs=150, n_vars=30, random_state=2)
+    second = second[:, second.var_names[::-1][:25]].copy()  # other order, five genes fewer
+    first.write_h5ad(tmp_path / "first.h5ad")
+    second.write_h5ad(tmp_path / "second.h5ad")
+    ad.experimental.concat_on_disk(
+        [tmp_path / "first.h5ad", tmp_path / "second.h5ad"], tmp_path / "both.h5ad", join="inner",
+        label="file", keys=["first", "second"], index_unique="-",
+    )  # fmt: skip
+    both = ad.read_h5ad(tmp_path / "both.h5ad", backed="r")
+    assert both.n_obs == 350 and set(both.var_names) == set(second.var_names)
+    model = SCVI(both, batch_key="file", n_hidden=16, n_latent=3)
+    model.train(max_epochs=2, batch_size=64, progress_bar=False)
+    z = model.get_latent_representation()
+    # the second file's cells read through their own file give the same latent
+    z2 = model.get_latent_representation(adata=_with_file(second, "second"))
+    np.testing.assert_allclose(z[200:], z2, rtol=1e-5, atol=1e-6)
+    both.file.close()
+
+
+def _with_file(adata, name):
+    adata = adata.copy()
+    adata.obs["file"] = name
+    return adata
