@@ -321,18 +321,47 @@ def test_early_stopping_via_pp(adata):
     assert n == model.train_config["best_epoch"] + 3
 
 
-def test_expression_that_cannot_fit_fails_before_training(monkeypatch):
-    """A dense output larger than memory is an error up front, with the way out in the message."""
+def test_expression_that_cannot_fit_is_skipped_by_default_and_an_error_when_asked(monkeypatch):
+    """Above the memory rule the default writes only the latent space (and says so); asking
+    for the dense outputs is an error up front, with the way out in the message."""
     from scanpy_scvi.datasets import synthetic_counts
     from scanpy_scvi.pp import _scvi as pp_module
 
     adata = synthetic_counts(n_obs=100, n_vars=30, random_state=0)
     monkeypatch.setattr(pp_module, "_available_memory", lambda: 1000)  # bytes
     with pytest.raises(ValueError, match="expression=False"):
-        ss.pp.scvi(adata, use_highly_variable_genes=False, n_epochs=1, progress_bar=False)
+        ss.pp.scvi(adata, use_highly_variable_genes=False, n_epochs=1, expression=True, progress_bar=False)
     assert "X_scvi" not in adata.obsm
-    ss.pp.scvi(adata, use_highly_variable_genes=False, n_epochs=1, expression=False, progress_bar=False)
+    ss.pp.scvi(adata, use_highly_variable_genes=False, n_epochs=1, progress_bar=False)
     assert "X_scvi" in adata.obsm and "X_scvi_denoised" not in adata.obsm
+    monkeypatch.undo()
+    ss.pp.scvi(adata, use_highly_variable_genes=False, n_epochs=1, progress_bar=False)
+    assert adata.obsm["X_scvi_denoised"].shape == (100, 30)  # fits: written by default
+
+
+def test_expression_written_chunk_by_chunk_to_disk(tmp_path):
+    import h5py
+
+    from scanpy_scvi.datasets import synthetic_counts
+
+    adata = synthetic_counts(n_obs=300, n_vars=30, random_state=1)
+    adata = adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()
+    model = ss.SCVI(adata, n_hidden=16, n_latent=3)
+    model.train(max_epochs=2, progress_bar=False)
+    with model.seeded(0):  # each call draws z
+        want = model.get_normalized_expression(return_numpy=True, batch_size=64, library_size=1e4)
+    with h5py.File(tmp_path / "expr.h5", "w") as f:
+        target = f.create_dataset("expression", shape=want.shape, dtype="float32", chunks=(64, 30))
+        with model.seeded(0):
+            got = model.get_normalized_expression(out=target, batch_size=64, library_size=1e4)
+        assert got is target
+        np.testing.assert_allclose(target[...], want, rtol=1e-6)
+    memmap = np.lib.format.open_memmap(tmp_path / "expr.npy", mode="w+", dtype=np.float32, shape=want.shape)
+    with model.seeded(0):
+        model.get_normalized_expression(out=memmap, batch_size=64, library_size=1e4)
+    np.testing.assert_allclose(np.load(tmp_path / "expr.npy"), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="out must have shape"):
+        model.get_normalized_expression(out=np.empty((5, 30), dtype=np.float32))
 
 
 def test_memory_rule_is_stated_and_reads_available_memory(monkeypatch):
@@ -345,7 +374,7 @@ def test_memory_rule_is_stated_and_reads_available_memory(monkeypatch):
     needed = 2 * 100 * 30 * 4
     monkeypatch.setattr(pp_module, "_available_memory", lambda: int(needed / 0.9))  # fits, but not under 80 %
     with pytest.raises(ValueError, match=r"at most 80% of the memory available now") as err:
-        ss.pp.scvi(adata, use_highly_variable_genes=False, n_epochs=1, progress_bar=False)
+        ss.pp.scvi(adata, use_highly_variable_genes=False, n_epochs=1, expression=True, progress_bar=False)
     assert "0.0 of 0.0 GB" in str(err.value)  # the allowance and the total, both said
     monkeypatch.undo()
     meminfo = Path("/proc/meminfo")

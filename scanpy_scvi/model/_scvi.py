@@ -114,6 +114,7 @@ class SCVI(BaseModel):
         batch_size: int | None = None,
         return_mean: bool = True,
         return_numpy: bool | None = None,
+        out=None,
     ) -> pd.DataFrame | np.ndarray:
         """Decoded (denoised) expression per cell.
 
@@ -141,6 +142,10 @@ class SCVI(BaseModel):
         return_numpy
             Return an ndarray. Default: a DataFrame (cells x genes) unless the output is 3-D
             or comes from ``n_samples_overall``.
+        out
+            A (cells, genes) float32 array to write into, minibatch by minibatch, and return:
+            an ``h5py`` dataset, a ``zarr`` array or a ``numpy.memmap``, so that expression
+            larger than memory goes straight to disk (not with ``return_mean=False``).
         """
         check_positive_int(n_samples=n_samples)
         bound, idx = self.select(adata, indices)
@@ -163,11 +168,16 @@ class SCVI(BaseModel):
             msg = "A 3-D result (n_samples > 1, return_mean=False) or n_samples_overall draws cannot be a DataFrame."
             raise ValueError(msg)
 
-        out = self._decode(bound, idx, codes, mask, library_size, n_samples, return_mean, batch_size)
-        if return_numpy or three_d or n_samples_overall is not None:
+        if out is not None and (three_d or tuple(out.shape) != (len(idx), int(mask.sum()))):
+            msg = f"out must have shape (cells, genes) = ({len(idx)}, {int(mask.sum())}), got {tuple(out.shape)}."
+            raise ValueError(msg)
+        result = self._decode(bound, idx, codes, mask, library_size, n_samples, return_mean, batch_size, out)
+        if out is not None:
             return out
+        if return_numpy or three_d or n_samples_overall is not None:
+            return result
         names = (adata if adata is not None else self.adata).obs_names[idx]
-        return pd.DataFrame(out, index=names, columns=np.asarray(self.setup.genes)[mask])
+        return pd.DataFrame(result, index=names, columns=np.asarray(self.setup.genes)[mask])
 
     def _decode(
         self,
@@ -179,14 +189,17 @@ class SCVI(BaseModel):
         n_samples: int = 1,
         return_mean: bool = True,
         batch_size: int | None = None,
+        out=None,
     ) -> np.ndarray:
         """Expression of cells ``idx``: one z draw per sample, decoded in each batch of ``codes``
-        (``None``: the cell's own) and averaged over them; (cells, genes) or (samples, cells, genes)."""
+        (``None``: the cell's own) and averaged over them; (cells, genes) or (samples, cells, genes),
+        written into ``out`` when given."""
         three_d = n_samples > 1 and not return_mean
         G = int(mask.sum())
         gene_mask = None if mask.all() else torch.as_tensor(mask, device=self.device)
         latent_lib = library_size == "latent"
-        out = np.empty((n_samples, len(idx), G) if three_d else (len(idx), G), dtype=np.float32)
+        if out is None:
+            out = np.empty((n_samples, len(idx), G) if three_d else (len(idx), G), dtype=np.float32)
         with self.inference_mode():
             for rows, t in self.minibatches(bound, idx, batch_size, encoder_only=True):
                 n_cells = rows.stop - rows.start

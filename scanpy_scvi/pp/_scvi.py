@@ -50,7 +50,7 @@ def scvi(
     train_size: float = 1.0,
     batch_size: int = 128,
     early_stopping: bool = False,
-    expression: bool = True,
+    expression: bool | None = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     key_added: str = "X_scvi",
@@ -79,9 +79,10 @@ def scvi(
         restore the best weights.
     expression
         Write ``X_scvi_denoised`` and ``X_scvi_sample_rate``: two dense cells x genes float32
-        matrices (8 GB each for 1M cells x 2000 genes). ``False`` writes only the latent space.
-        If together they need more than 80 % of the memory available now, this is an error
-        before training.
+        matrices (8 GB each for 1M cells x 2000 genes). ``None`` (default): when together they
+        take at most 80 % of the memory available now, else only the latent space (with a
+        warning; compute expression in chunks with ``model.get_normalized_expression(out=...)``).
+        ``True`` insists (an error before training when they do not fit); ``False`` skips them.
     trainer_kwargs
         Further training settings: ``weight_decay`` (1e-6), ``eps`` (0.01),
         ``n_epochs_kl_warmup`` (400), ``min_kl_weight`` (0), ``max_kl_weight`` (1),
@@ -124,7 +125,14 @@ def scvi(
     extra_train = _check_trainer_kwargs(trainer_kwargs)
     uns_key = check_key_added(key_added)
     genes = run.genes(adata)
-    if expression:
+    if expression is None:
+        expression = expression_fits(adata.n_obs, len(genes))
+        if not expression:
+            logg.warning(
+                f"    the dense expression outputs of {adata.n_obs} cells x {len(genes)} genes would not fit in "
+                "memory: writing only the latent space (see `expression` and get_normalized_expression(out=...))"
+            )
+    elif expression:
         check_expression_fits(adata.n_obs, len(genes))
 
     start = logg.info(
@@ -178,6 +186,12 @@ def _available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def expression_fits(n_obs: int, n_genes: int, *, n_matrices: int = 2) -> bool:
+    """Whether ``n_matrices`` dense float32 cells x genes matrices fit the memory rule."""
+    available = _available_memory()
+    return available is None or n_matrices * n_obs * n_genes * 4 <= MEMORY_SHARE * available
 
 
 def check_expression_fits(n_obs: int, n_genes: int, *, n_matrices: int = 2) -> None:
