@@ -8,6 +8,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ._order import BLOCK_ROWS, BUFFER_BLOCKS
+
 
 def dense_rows(X, rows: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
     """``X[rows][:, cols]`` as a dense float32 array, without densifying anything else.
@@ -47,6 +49,10 @@ class MinibatchSource:
         Model columns that the read columns fill, when some model genes are absent from
         ``X`` (a mapped query); the absent genes read as zero counts.
     """
+
+    #: On-disk reading geometry (see ``_order.py``): rows per block, blocks shuffled together.
+    block_rows = BLOCK_ROWS
+    buffer_blocks = BUFFER_BLOCKS
 
     def __init__(
         self,

@@ -18,7 +18,6 @@ import scipy.sparse as sp
 import torch
 
 from ._batches import MinibatchSource, flat_nonzero
-from ._order import BLOCK_ROWS, BUFFER_BLOCKS
 
 _DONE = object()
 
@@ -26,10 +25,10 @@ _DONE = object()
 class BlockReader:
     """Serves ``minibatches`` of ``source`` (a backed matrix) from blocks of ``block_rows`` rows."""
 
-    def __init__(self, source: MinibatchSource, block_rows: int = BLOCK_ROWS, ahead: int = 2 * BUFFER_BLOCKS):
+    def __init__(self, source: MinibatchSource, block_rows: int | None = None, ahead: int | None = None):
         self.source = source
-        self.block_rows = block_rows
-        self.ahead = ahead
+        self.block_rows = block_rows or source.block_rows
+        self.ahead = ahead or 2 * source.buffer_blocks
 
     def stream(
         self, batches: list[np.ndarray], device: torch.device | str = "cpu", nonzero: bool = False

@@ -134,7 +134,7 @@ def train(
         objective.epoch_start(module, epoch)
         sums = Sums()
         batches = epoch_minibatches(
-            train_idx, shuffle_rng, config.batch_size, blocks=getattr(source, "backed", False),
+            train_idx, shuffle_rng, config.batch_size, **_reading(source),
             rank=0 if distributed is None else distributed.rank,
             world_size=1 if distributed is None else distributed.world_size,
         )  # fmt: skip
@@ -189,6 +189,13 @@ def train(
         distributed.broadcast_buffers(module)
     module.eval()
     return history, (best_epoch if best_state is not None else None)
+
+
+def _reading(source) -> dict:
+    """How ``source`` is read: in blocks when on disk (with its geometry), else cell by cell."""
+    if not getattr(source, "backed", False):
+        return {"blocks": False}
+    return {"blocks": True, "block_rows": source.block_rows, "buffer_blocks": source.buffer_blocks}
 
 
 def _adam(params, *, capturable: bool = False, **kwargs) -> torch.optim.Adam:
