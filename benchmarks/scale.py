@@ -192,26 +192,18 @@ def read_source(path: Path, genes: list[str]):
     return X, batches
 
 
-def resample_csr(source, n_cells: int, *, seed: int, keep_low: float, keep_high: float, chunk: int):
-    """``n_cells`` thinned copies of random rows of ``source`` as one CSR matrix, built in place.
+def resample_chunks(source, n_cells: int, *, seed: int, keep_low: float, keep_high: float, chunk: int):
+    """``n_cells`` thinned copies of random rows of ``source``, as CSR chunks of ``chunk`` cells.
 
-    Returns (matrix, source row of each cell, generation details). The data and index arrays
-    are allocated once at an upper bound of the non-zeros (the source rows' non-zeros:
-    thinning only removes entries); pages beyond the final size are never written, so never
-    resident. Per chunk, the temporaries are a few arrays of the chunk's non-zeros.
+    Yields (chunk CSR float32 with sorted indices, source row of each of its cells, cells
+    restored unthinned). The random draws depend only on ``seed``, not on how the chunks are
+    consumed.
     """
     import scipy.sparse as sp
 
     rng = np.random.default_rng(seed)
     src = rng.integers(0, source.shape[0], size=n_cells)
     keep = rng.uniform(keep_low, keep_high, size=n_cells)
-    upper = int(np.diff(source.indptr)[src].sum())
-    idx_dtype = np.int32 if max(upper, source.shape[1]) < np.iinfo(np.int32).max else np.int64
-    data = np.empty(upper, dtype=np.float32)
-    indices = np.empty(upper, dtype=idx_dtype)
-    indptr = np.empty(n_cells + 1, dtype=idx_dtype)
-    indptr[0] = 0
-    pos, restored = 0, 0
     for start in range(0, n_cells, chunk):
         stop = min(start + chunk, n_cells)
         block = source[src[start:stop]]  # the chosen real rows (a chunk-sized CSR)
@@ -222,16 +214,43 @@ def resample_csr(source, n_cells: int, *, seed: int, keep_low: float, keep_high:
         totals = np.bincount(row_of, weights=thinned, minlength=stop - start)
         empty = totals == 0
         if empty.any():  # never leave a cell without counts (the model rejects those)
-            restored += int(empty.sum())
             hit = empty[row_of]
             thinned[hit] = counts[hit]
         kept = thinned > 0
-        n_kept = int(kept.sum())
-        data[pos : pos + n_kept] = thinned[kept]
-        indices[pos : pos + n_kept] = block.indices[kept]
-        indptr[start + 1 : stop + 1] = pos + np.cumsum(np.bincount(row_of[kept], minlength=stop - start))
-        pos += n_kept
-        del block, lens, row_of, counts, thinned, totals, kept
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(row_of[kept], minlength=stop - start))])
+        out = sp.csr_matrix(
+            (thinned[kept].astype(np.float32), block.indices[kept], indptr), shape=(stop - start, source.shape[1])
+        )
+        out.has_sorted_indices = True
+        yield out, src[start:stop], int(empty.sum())
+
+
+def resample_csr(source, n_cells: int, *, seed: int, keep_low: float, keep_high: float, chunk: int):
+    """``n_cells`` thinned copies of random rows of ``source`` as one CSR matrix, built in place.
+
+    Returns (matrix, source row of each cell, generation details). The data and index arrays
+    are allocated once at an upper bound of the non-zeros (the source rows' non-zeros:
+    thinning only removes entries); pages beyond the final size are never written, so never
+    resident. Per chunk, the temporaries are a few arrays of the chunk's non-zeros.
+    """
+    import scipy.sparse as sp
+
+    src = np.random.default_rng(seed).integers(0, source.shape[0], size=n_cells)  # as resample_chunks draws it
+    upper = int(np.diff(source.indptr)[src].sum())
+    idx_dtype = np.int32 if max(upper, source.shape[1]) < np.iinfo(np.int32).max else np.int64
+    data = np.empty(upper, dtype=np.float32)
+    indices = np.empty(upper, dtype=idx_dtype)
+    indptr = np.empty(n_cells + 1, dtype=idx_dtype)
+    indptr[0] = 0
+    pos, restored, row = 0, 0, 0
+    for block, _, n_restored in resample_chunks(
+        source, n_cells, seed=seed, keep_low=keep_low, keep_high=keep_high, chunk=chunk
+    ):
+        n = block.nnz
+        data[pos : pos + n] = block.data
+        indices[pos : pos + n] = block.indices
+        indptr[row + 1 : row + block.shape[0] + 1] = pos + block.indptr[1:]
+        pos, row, restored = pos + n, row + block.shape[0], restored + n_restored
     X = sp.csr_matrix((data[:pos], indices[:pos], indptr), shape=(n_cells, source.shape[1]), copy=False)
     X.has_sorted_indices = True
     details = {

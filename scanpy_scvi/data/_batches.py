@@ -16,7 +16,8 @@ def dense_rows(X, rows: np.ndarray, cols: np.ndarray | None) -> np.ndarray:
 
     ``rows`` must be sorted when ``X`` is backed on disk (h5py needs increasing indices).
     """
-    block = X[rows]
+    consecutive = len(rows) > 1 and rows[-1] - rows[0] == len(rows) - 1 and np.all(np.diff(rows) == 1)
+    block = X[int(rows[0]) : int(rows[-1]) + 1] if consecutive else X[rows]  # a slice: one read on disk
     if cols is not None:
         block = block[:, cols]
     if sp.issparse(block) or hasattr(block, "toarray"):
