@@ -133,3 +133,19 @@ def _with_file(adata, name):
     adata = adata.copy()
     adata.obs["file"] = name
     return adata
+
+
+def test_pp_scvi_and_de_on_a_backed_file(tmp_path):
+    import scanpy_scvi as ss
+
+    adata = make_adata(n_obs=300, n_vars=30, random_state=9)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    model = ss.pp.scvi(backed, batch_key="batch", n_hidden=16, n_latent=3, max_epochs=3, use_highly_variable_genes=False,
+                       progress_bar=False)  # fmt: skip
+    assert backed.obsm["X_scvi"].shape == (300, 3) and backed.obsm["X_scvi_denoised"].shape == (300, 30)
+    de = ss.tl.differential_expression(
+        backed, model=model, groupby="labels", n_samples=50, inplace=False, progress_bar=False
+    )
+    assert len(de) == 3 * 30 and np.isfinite(de["lfc_mean"]).all()  # one-vs-rest for 3 labels, 30 genes
+    backed.file.close()
