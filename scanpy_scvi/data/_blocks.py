@@ -5,7 +5,7 @@ consecutive rows. Reading those rows one by one would be thousands of small read
 thread reads each block whole (one slice of the file) when the epoch first needs it and
 assembles the minibatches ahead, while the model trains on the ones already assembled. A block
 is dropped after the last minibatch that needs it, so memory holds about one buffer of blocks
-(twice: as read and stacked) plus the minibatches ahead.
+plus the minibatches ahead.
 """
 
 from __future__ import annotations
@@ -55,27 +55,16 @@ class BlockReader:
 
     def _assemble(self, batches: list[np.ndarray], nonzero: bool, ready: queue.Queue, stop: threading.Event) -> None:
         """Read the blocks each minibatch needs (each once, dropped after its last use) and put
-        the minibatches' tensors on ``ready``, in order. The live blocks are stacked into one
-        matrix whenever new ones arrive (about once per buffer), so that a minibatch is one
-        row selection."""
+        the minibatches' tensors on ``ready``, in order."""
         try:
             needs = [np.unique(np.asarray(b) // self.block_rows) for b in batches]
             last_use = {b: i for i, blocks in enumerate(needs) for b in blocks.tolist()}
             cache: dict[int, sp.csr_matrix] = {}
-            stacked, ids, offsets = None, np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
             for i, (rows, blocks) in enumerate(zip(batches, needs, strict=True)):
-                new = [b for b in blocks.tolist() if b not in cache]
-                for b in new:
-                    cache[b] = self._read_block(b)
-                if new or stacked is None:
-                    ids = np.array(sorted(cache), dtype=np.int64)
-                    parts = [cache[b] for b in ids.tolist()]
-                    offsets = np.concatenate([[0], np.cumsum([p.shape[0] for p in parts])[:-1]]).astype(np.int64)
-                    stacked = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
-                rows = np.asarray(rows)
-                block_of = rows // self.block_rows
-                positions = offsets[np.searchsorted(ids, block_of)] + rows - block_of * self.block_rows
-                item = self._batch(rows, stacked[positions], nonzero)
+                for b in blocks.tolist():
+                    if b not in cache:
+                        cache[b] = self._read_block(b)
+                item = self._batch(np.asarray(rows), cache, nonzero)
                 for b in blocks.tolist():
                     if last_use[b] == i:
                         del cache[b]
@@ -98,8 +87,19 @@ class BlockReader:
             )
         return block
 
-    def _batch(self, rows: np.ndarray, csr: sp.csr_matrix, nonzero: bool) -> dict[str, torch.Tensor]:
-        """The tensors of the cells ``rows``, whose counts are ``csr`` (in the same order)."""
+    def _batch(self, rows: np.ndarray, cache: dict[int, sp.csr_matrix], nonzero: bool) -> dict[str, torch.Tensor]:
+        """The tensors of the cells ``rows``, gathered from the cached blocks."""
+        block_of = rows // self.block_rows
+        order = np.argsort(block_of, kind="stable")
+        sorted_blocks = block_of[order]
+        parts = []
+        for b in np.unique(sorted_blocks).tolist():
+            members = order[sorted_blocks == b]
+            parts.append(cache[b][rows[members] - b * self.block_rows])
+        stacked = sp.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        inverse = np.empty(len(rows), dtype=np.int64)
+        inverse[order] = np.arange(len(rows))
+        csr = stacked[inverse]  # back to the minibatch's order
         dense = csr.toarray()
         out = {"X": torch.from_numpy(dense)}
         if nonzero:

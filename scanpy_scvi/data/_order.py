@@ -15,7 +15,7 @@ import numpy as np
 
 #: Rows per block read from disk, and blocks whose cells are shuffled together.
 BLOCK_ROWS = 1024
-BUFFER_BLOCKS = 64
+BUFFER_BLOCKS = 16
 
 
 def minibatches(indices: np.ndarray, batch_size: int, min_size: int = 3) -> list[np.ndarray]:
