@@ -81,6 +81,19 @@ class MinibatchSource:
         padded[:, self.positions] = block
         return padded
 
+    def csr_rows(self, rows: slice, copy: bool = False) -> sp.csr_matrix:
+        """The model columns of the rows ``rows`` as float32 CSR (absent model genes: empty
+        columns); ``copy`` guarantees the result shares no memory with ``X``."""
+        block = self.X[rows]
+        if self.gene_idx is not None:
+            block = block[:, self.gene_idx]
+        block = sp.csr_matrix(block, dtype=np.float32, copy=copy)
+        if self.positions is not None:
+            block = sp.csr_matrix(
+                (block.data, self.positions[block.indices], block.indptr), shape=(block.shape[0], self.n_vars)
+            )
+        return block
+
     def _read_any_order(self, idx: np.ndarray) -> np.ndarray:
         if not (self.backed and np.any(np.diff(idx) < 0)):
             return self._read(idx)

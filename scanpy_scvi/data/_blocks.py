@@ -75,17 +75,8 @@ class BlockReader:
 
     def _read_block(self, b: int) -> sp.csr_matrix:
         """Rows ``[b * block_rows, (b + 1) * block_rows)``, model columns, as float32 CSR."""
-        src = self.source
         start = b * self.block_rows
-        block = src.X[start : min(start + self.block_rows, src.n_obs)]
-        if src.gene_idx is not None:
-            block = block[:, src.gene_idx]
-        block = sp.csr_matrix(block, dtype=np.float32)
-        if src.positions is not None:
-            block = sp.csr_matrix(
-                (block.data, src.positions[block.indices], block.indptr), shape=(block.shape[0], src.n_vars)
-            )
-        return block
+        return self.source.csr_rows(slice(start, min(start + self.block_rows, self.source.n_obs)))
 
     def _batch(self, rows: np.ndarray, cache: dict[int, sp.csr_matrix], nonzero: bool) -> dict[str, torch.Tensor]:
         """The tensors of the cells ``rows``, gathered from the cached blocks."""

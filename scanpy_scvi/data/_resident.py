@@ -9,7 +9,6 @@ a gather and a scatter on the device, with no synchronisation with the host.
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from ._batches import MinibatchSource, row_chunks
@@ -74,17 +73,9 @@ class ResidentSource:
 def canonical_blocks(source: MinibatchSource):
     """The model columns of ``source`` in row chunks, each a canonical float32 CSR matrix
     (sorted indices, no duplicates, no stored zeros; absent model genes as empty columns)."""
-    X, gene_idx, positions = source.X, source.gene_idx, source.positions
-    n_read = X.shape[1] if gene_idx is None else len(gene_idx)
+    n_read = source.X.shape[1] if source.gene_idx is None else len(source.gene_idx)
     for rows in row_chunks(source.n_obs, n_read):
-        block = X[rows]
-        if gene_idx is not None:
-            block = block[:, gene_idx]
-        block = sp.csr_matrix(block, dtype=np.float32, copy=True)
-        if positions is not None:
-            block = sp.csr_matrix(
-                (block.data, positions[block.indices], block.indptr), shape=(block.shape[0], source.n_vars)
-            )
+        block = source.csr_rows(rows, copy=True)  # canonicalised in place below
         block.sum_duplicates()  # also sorts the indices
         block.eliminate_zeros()
         yield block
