@@ -43,6 +43,17 @@ BATCH_KEY, LABEL_KEY = "batch", "cell_type"
 ARCH = {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "gene_likelihood": "zinb", "dispersion": "gene"}
 
 
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--counts-on-device``, shared by the comparison scripts."""
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="train and infer on (default: cpu)")
+    p.add_argument(
+        "--counts-on-device",
+        choices=("auto", "off"),
+        default="auto",
+        help="ours: hold the counts on a GPU when they fit ('auto'), or build minibatches on the host ('off')",
+    )
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -62,13 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also estimate the held-out marginal log-likelihood with this many importance samples (0: skip; slow)",
     )
     p.add_argument("--knn", type=int, default=15, help="neighbours for the kNN cell-type purity (default: 15)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="train and infer on (default: cpu)")
-    p.add_argument(
-        "--counts-on-device",
-        choices=("auto", "off"),
-        default="auto",
-        help="ours: hold the counts on a GPU when they fit ('auto'), or build minibatches on the host ('off')",
-    )
+    add_device_arguments(p)
     p.add_argument("--only", choices=("both", "ours", "scvi-tools"), default="both", help="run only one system")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)

@@ -55,6 +55,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_scvi_tools import (
+    add_device_arguments,
     fmt,
     latent_checks,
     load_average,
@@ -105,13 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--elbo-evals", type=int, default=5, help="seeded repeats of each held-out evaluation (default: 5)")
     p.add_argument("--knn", type=int, default=15, help="neighbours of the kNN cell-type classifier (default: 15)")
     p.add_argument("--fg-protein", default="CD19", help="protein (name or name prefix) of the B vs T foreground check")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="train and infer on (default: cpu)")
-    p.add_argument(
-        "--counts-on-device",
-        choices=("auto", "off"),
-        default="auto",
-        help="ours: hold the counts on a GPU when they fit ('auto'), or build minibatches on the host ('off')",
-    )
+    add_device_arguments(p)
     p.add_argument("--only", choices=("both", "ours", "scvi-tools"), default="both", help="run only one system")
     p.add_argument("--json", type=Path, default=None, help="write the figures to this JSON file")
     args = p.parse_args(argv)
