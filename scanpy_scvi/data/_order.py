@@ -41,6 +41,7 @@ def epoch_minibatches(
     world_size: int = 1,
     block_rows: int = BLOCK_ROWS,
     buffer_blocks: int = BUFFER_BLOCKS,
+    weights: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """This process's minibatches of one epoch over ``cells`` (sorted row positions).
 
@@ -49,10 +50,15 @@ def epoch_minibatches(
     ``blocks=True``: :func:`block_order`; each rank takes every ``world_size``-th block and cuts
     its cells into as many minibatches as the rank with the fewest cells makes (DDP needs the
     same number of steps on every rank), each of about ``batch_size`` cells.
+    ``weights`` (probabilities over ``cells``; in memory only): the epoch is ``len(cells)`` cells
+    drawn with replacement by these probabilities, in the order drawn.
     Every rank draws the same numbers from ``rng``.
     """
+    if weights is not None and blocks:
+        msg = "Weighted sampling (e.g. trVAE's balanced_sampling) needs the counts in memory, not backed on disk."
+        raise ValueError(msg)
     if not blocks:
-        perm = rng.permutation(cells)
+        perm = rng.permutation(cells) if weights is None else rng.choice(cells, size=len(cells), p=weights)
         if world_size == 1:
             return minibatches(perm, batch_size)
         whole = minibatches(perm, batch_size * world_size, min_size=3 * world_size)

@@ -6,5 +6,6 @@ from ._scanvi import SCANVI
 from ._scvi import SCVI
 from ._surgery import query_model
 from ._totalvi import TOTALVI
+from ._trvae import TRVAE
 
-__all__ = ["SCANVI", "SCVI", "TOTALVI", "BaseModel", "query_model", "resolve_device"]
+__all__ = ["SCANVI", "SCVI", "TOTALVI", "TRVAE", "BaseModel", "query_model", "resolve_device"]

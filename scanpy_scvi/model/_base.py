@@ -18,7 +18,6 @@ docs/architecture.rst describes each.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -34,7 +33,7 @@ from ..nn import to_numpy
 from ..train import Distributed, Objective, TrainConfig, evaluate, train
 from ._device import resolve_device, seeded_on
 from ._io import FORMAT, FORMAT_VERSION, read_model_dir, write_model_dir
-from ._selection import cell_positions, names_mask
+from ._selection import cell_positions, names_mask, split_groups
 
 if TYPE_CHECKING:
     import os
@@ -234,6 +233,7 @@ class BaseModel:
                 seed=random_state,
                 progress_bar=progress_bar,
                 grad_masks=self.trainable_masks,
+                sample_weights=self.sample_weights(bound, train_idx),
                 desc=f"Training {self.name}",
                 distributed=distributed,
             )
@@ -249,6 +249,15 @@ class BaseModel:
     def objective(self, bound: BoundData, train_idx: np.ndarray) -> Objective:
         """What training optimises (default: the module's ELBO)."""
         return Objective()
+
+    def sample_weights(self, bound: BoundData, train_idx: np.ndarray) -> np.ndarray | None:
+        """Probabilities (summing to 1) of drawing each training cell, for epochs drawn with
+        replacement; ``None`` (default): every training cell once per epoch."""
+        return None
+
+    def query_architecture(self) -> Settings:
+        """The architecture of a query model mapped onto this one (default: the same)."""
+        return self.architecture
 
     def default_max_epochs(self, n_obs: int) -> int:
         """scvi-tools' heuristic: 400 epochs up to 20k cells, fewer above."""
@@ -563,19 +572,6 @@ class BaseModel:
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def split_groups(groups: list[np.ndarray], train_size: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Split each group of positions by one seeded permutation, ceil(train_size * size) to train;
-    return the sorted union of the training and of the validation parts."""
-    rng = np.random.default_rng(seed)
-    train_parts, val_parts = [], []
-    for group in groups:
-        n_val = len(group) - math.ceil(train_size * len(group))
-        perm = group[rng.permutation(len(group))]
-        train_parts.append(perm[n_val:])
-        val_parts.append(perm[:n_val])
-    return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(val_parts))
-
-
 def _load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     expected = module.state_dict()
     problems = sorted(set(expected) ^ set(state)) + [

@@ -14,8 +14,8 @@ from .._settings import keyword_settings, split_settings
 from ..data import BoundData, DataSetup, SetupArguments, categories
 from ..nn import SCANVAE, SCANVIArchitecture, to_numpy
 from ..train import Objective, Terms, TrainContext, minibatches
-from ._base import split_groups
 from ._scvi import SCVI
+from ._selection import split_groups
 
 if TYPE_CHECKING:
     from anndata import AnnData

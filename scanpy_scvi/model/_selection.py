@@ -1,6 +1,9 @@
-"""What a call selects: cell positions from ``indices``, feature masks from name lists."""
+"""What a call selects: cell positions from ``indices``, feature masks from name lists, the
+training/validation split."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -32,3 +35,16 @@ def names_mask(names: list[str], chosen, arg: str, what: str) -> np.ndarray:
         msg = f"{arg} has {len(unknown)} {what} the model was not trained on: {unknown[:10]}."
         raise ValueError(msg)
     return np.isin(names, chosen)
+
+
+def split_groups(groups: list[np.ndarray], train_size: float, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Split each group of positions by one seeded permutation, ceil(train_size * size) to train;
+    return the sorted union of the training and of the validation parts."""
+    rng = np.random.default_rng(seed)
+    train_parts, val_parts = [], []
+    for group in groups:
+        n_val = len(group) - math.ceil(train_size * len(group))
+        perm = group[rng.permutation(len(group))]
+        train_parts.append(perm[n_val:])
+        val_parts.append(perm[:n_val])
+    return np.sort(np.concatenate(train_parts)), np.sort(np.concatenate(val_parts))

@@ -74,7 +74,7 @@ def query_model(
         **labels,
     )
     model = type(reference)._assembled(
-        setup, reference.architecture, adata=query, random_state=random_state, initialised_from="reference"
+        setup, reference.query_architecture(), adata=query, random_state=random_state, initialised_from="reference"
     )
     old_sizes = (ref_setup.n_batch, *ref_setup.n_cats_per_cov)
     new_sizes = (setup.n_batch, *setup.n_cats_per_cov)
@@ -175,11 +175,12 @@ def _freeze(
 ) -> None:
     """Set which parameters learn; batch-norm running statistics stop updating (momentum 0)."""
     trainable = set(masks)
+    expression_inputs = module.expression_inputs
     for name, _ in module.named_parameters():
         if name.startswith("l_encoder."):
             trainable.add(name)  # the library encoder learns the query's depth (scArches)
             masks.pop(name, None)
-        if not freeze_expression and name.startswith("z_encoder.trunk.layers.0.0."):
+        if not freeze_expression and name.startswith(expression_inputs):
             trainable.add(name)
             masks.pop(name, None)  # the whole first layer learns
     for name, m in module.named_modules():

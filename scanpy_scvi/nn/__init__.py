@@ -1,10 +1,11 @@
 """Pure-torch building blocks (no AnnData here): modules, their architectures, likelihoods."""
 
-from ._architecture import SCANVIArchitecture, TOTALVIArchitecture, VAEArchitecture
+from ._architecture import SCANVIArchitecture, TOTALVIArchitecture, TRVAEArchitecture, VAEArchitecture
 from ._likelihoods import log_nb_mixture, sample_counts, sample_nb_mixture
 from ._numpy import to_numpy
 from ._scanvae import SCANVAE, Classifier
 from ._totalvae import TOTALVAE
+from ._trvae import ConditionalVAE, mmd_between_conditions
 from ._vae import VAE
 
 __all__ = [
@@ -12,10 +13,13 @@ __all__ = [
     "TOTALVAE",
     "VAE",
     "Classifier",
+    "ConditionalVAE",
     "SCANVIArchitecture",
     "TOTALVIArchitecture",
+    "TRVAEArchitecture",
     "VAEArchitecture",
     "log_nb_mixture",
+    "mmd_between_conditions",
     "sample_counts",
     "sample_nb_mixture",
     "to_numpy",

@@ -167,3 +167,73 @@ class TOTALVIArchitecture(Settings):
             "use_batch_norm": self.use_batch_norm in (part, "both"),
             "use_layer_norm": self.use_layer_norm in (part, "both"),
         }
+
+
+def _layer_sizes(name: str, value) -> None:
+    if not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+        msg = f"{name} must be a non-empty sequence of positive integers, got {value!r}."
+        raise ValueError(msg)
+
+
+def _boundary(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        msg = f"{name} must be None or a positive integer (the number of reference conditions), got {value!r}."
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class TRVAEArchitecture(Settings):
+    """trVAE (Lotfollahi et al. 2020) architecture and MMD penalty; defaults are scArches' ``TRVAE`` ones."""
+
+    hidden_layer_sizes: tuple[int, ...] = setting(
+        (256, 64), "Hidden layer sizes of the encoder; the decoder mirrors them (default (256, 64)).",
+        check=_layer_sizes,
+    )  # fmt: skip
+    n_latent: int = setting(10, "Latent dimensions (default 10; scArches' ``latent_dim``).", check=positive_int)
+    dropout_rate: float = setting(
+        0.05, "Dropout after every hidden layer (default 0.05; scArches' ``dr_rate``).", check=unit_interval
+    )
+    gene_likelihood: Literal["nb", "zinb", "mse"] = setting(
+        "nb",
+        "Reconstruction (scArches' ``recon_loss``): ``'nb'`` (default) or ``'zinb'`` on raw counts, with one "
+        "dispersion per gene and condition; ``'mse'``: squared error on log-normalised values (pass them as "
+        "``layer``; the integer check is then off).",
+        choices=("nb", "zinb", "mse"),
+    )
+    use_mmd: bool = setting(
+        True, "Add ``beta`` times the MMD between the conditions of each minibatch to the loss.", choices=(True, False)
+    )
+    mmd_on: Literal["z", "y"] = setting(
+        "z", "Where the MMD is taken: ``'z'`` (the latent sample) or ``'y'`` (the first decoder layer's output).",
+        choices=("z", "y"),
+    )  # fmt: skip
+    mmd_boundary: int | None = setting(
+        None,
+        "``None``: MMD between every pair of conditions. ``k``: only between the first ``k`` conditions (the "
+        "reference's, in category order) and the others.",
+        check=_boundary,
+    )
+    beta: float = setting(1.0, "Weight of the MMD term (default 1).")
+    use_batch_norm: NormChoice = setting(
+        "none", "Where hidden layers are batch-normalised: ``'encoder'``, ``'decoder'``, ``'both'`` or ``'none'``.",
+        choices=NORMS,
+    )  # fmt: skip
+    use_layer_norm: NormChoice = setting(
+        "both", "Where hidden layers are layer-normalised (default ``'both'``, as scArches' ``use_ln=True``).",
+        choices=NORMS,
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hidden_layer_sizes, (list, range)):  # e.g. read back from JSON
+            object.__setattr__(self, "hidden_layer_sizes", tuple(self.hidden_layer_sizes))
+        super().__post_init__()
+        if not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool) or not self.beta >= 0:
+            msg = f"beta must be a number >= 0, got {self.beta!r}."
+            raise ValueError(msg)
+
+    def normalised(self, part: Literal["encoder", "decoder"]) -> dict[str, bool]:
+        """Which normalisation the hidden layers of ``part`` use (batch norm wins where both are set)."""
+        return {
+            "use_batch_norm": self.use_batch_norm in (part, "both"),
+            "use_layer_norm": self.use_layer_norm in (part, "both"),
+        }

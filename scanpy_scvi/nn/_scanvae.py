@@ -109,7 +109,7 @@ class SCANVAE(VAE):
         kl_z = (probs * kl_u).sum(-1) + kl_y
         kl_l = torch.zeros_like(kl_z)
         if not self.use_observed_lib_size:
-            prior_m, prior_v = self._library_prior(tensors["batch"])
+            prior_m, prior_v = self.library_prior(tensors["batch"])
             kl_l = _kl_normal(inf["ql_m"], inf["ql_v"], prior_m, prior_v).sum(-1)
         # unlike scVI, the reference's warm-up also scales the library and label KL terms
         loss = torch.mean(recon + kl_weight * (kl_z + kl_l))

@@ -77,6 +77,9 @@ class TOTALVAE(nn.Module):
     """
 
     architecture_class = TOTALVIArchitecture
+    #: parameters of the first encoder layer (expression inputs): what a query trains with
+    #: ``freeze_expression=False``
+    expression_inputs = ("z_encoder.trunk.layers.0.0.",)
 
     def __init__(
         self,

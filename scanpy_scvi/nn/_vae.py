@@ -51,6 +51,9 @@ class VAE(nn.Module):
     """
 
     architecture_class = VAEArchitecture
+    #: parameters of the first encoder layer (expression inputs): what a query trains with
+    #: ``freeze_expression=False``
+    expression_inputs = ("z_encoder.trunk.layers.0.0.",)
 
     def __init__(
         self,
@@ -232,34 +235,12 @@ class VAE(nn.Module):
     def log_likelihood(
         self, x: torch.Tensor, gen: dict[str, torch.Tensor], nz_index: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """log p(x | z, l) summed over genes; shape = leading dims of ``px_rate`` without genes.
-
-        For one draw per cell (the training case) the sum is taken over the nonzero counts
-        with :func:`summed_log_likelihood`, at ``nz_index`` (flat positions of the nonzero
-        entries of ``x``, found here when not given on the CPU); with several draws, or on a
-        GPU without ``nz_index``, elementwise.
-        """
-        mu = gen["px_rate"]
-        if mu.dim() == 2:
-            if nz_index is None and x.is_cuda:  # elementwise: no search (a host synchronisation)
-                return self.elementwise_log_likelihood(x, gen).sum(dim=-1)
-            if nz_index is None:
-                rows, cols = x.nonzero(as_tuple=True)
-                nz_index = rows * x.shape[1] + cols
-            nz_values = x.reshape(-1).index_select(0, nz_index)
-            return summed_log_likelihood(mu, gen["theta"], gen["zi_logits"], self.gene_likelihood, nz_index, nz_values)
-        return self.elementwise_log_likelihood(x, gen).sum(dim=-1)
+        """log p(x | z, l) summed over genes (see :func:`count_log_likelihood`)."""
+        return count_log_likelihood(self.gene_likelihood, x, gen, nz_index)
 
     def elementwise_log_likelihood(self, x: torch.Tensor, gen: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(x_g | z, l) per entry, by the reference formulas."""
-        mu = gen["px_rate"]
-        if self.gene_likelihood == "zinb":
-            lp = log_zinb(x, mu, gen["theta"], gen["zi_logits"])
-        elif self.gene_likelihood == "nb":
-            lp = log_nb(x, mu, gen["theta"])
-        else:
-            lp = log_poisson(x, mu)
-        return lp
+        return elementwise_log_likelihood(self.gene_likelihood, x, gen)
 
     def forward(self, tensors: dict[str, torch.Tensor], n_samples: int = 1, transform_batch: int | None = None):
         inf = self.inference(tensors, n_samples=n_samples)
@@ -277,48 +258,20 @@ class VAE(nn.Module):
         kl_z = _kl_normal_std(inf["qz_m"], inf["qz_v"]).sum(-1)
         kl_l = torch.zeros_like(kl_z)
         if not self.use_observed_lib_size:
-            prior_m, prior_v = self._library_prior(tensors["batch"])
+            prior_m, prior_v = self.library_prior(tensors["batch"])
             kl_l = _kl_normal(inf["ql_m"], inf["ql_v"], prior_m, prior_v).sum(-1)
         loss = torch.mean(recon + kl_weight * kl_z + kl_l)
         return {"loss": loss, "reconstruction_loss": recon, "kl_z": kl_z, "kl_l": kl_l}
 
-    def _library_prior(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def library_prior(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.library_log_means[0, batch].unsqueeze(-1), self.library_log_vars[0, batch].unsqueeze(-1)
 
     @torch.no_grad()
     def marginal_ll(
         self, tensors: dict[str, torch.Tensor], n_mc_samples: int, max_elements: int = 2**22
     ) -> torch.Tensor:
-        """Importance-sampled log p(x) per cell, with q(z, l | x) as the proposal.
-
-        Densities are evaluated at the untransformed z, which is the correct importance weight
-        for both latent distributions (the reference uses the softmaxed z for ``ln``). Samples
-        are drawn in passes of at most ``max_elements`` decoded entries, which keeps the
-        temporaries cache-sized on CPU.
-        """
-        per_pass = max(1, max_elements // tensors["X"].numel())
-        chunks = []
-        remaining = n_mc_samples
-        while remaining > 0:
-            s = min(per_pass, remaining)
-            remaining -= s
-            inf = self.inference(tensors, n_samples=s)
-            inf = {k: (v if v.dim() == 3 else v.expand(s, *v.shape)) for k, v in inf.items()}
-            gen = self.generative(inf["z"], inf["library"], tensors)
-            z = inf["z_untransformed"]
-            log_w = (
-                self.log_likelihood(tensors["X"], gen)
-                + _log_normal(z, torch.zeros_like(z), torch.ones_like(z)).sum(-1)
-                - _log_normal(z, inf["qz_m"], inf["qz_v"]).sum(-1)
-            )
-            if not self.use_observed_lib_size:
-                lib = inf["library"]
-                prior_m, prior_v = self._library_prior(tensors["batch"])
-                log_w = log_w + (_log_normal(lib, prior_m, prior_v) - _log_normal(lib, inf["ql_m"], inf["ql_v"])).sum(
-                    -1
-                )
-            chunks.append(log_w)
-        return torch.logsumexp(torch.cat(chunks, dim=0), dim=0) - math.log(n_mc_samples)
+        """Importance-sampled log p(x) per cell (see :func:`importance_sampled_log_likelihood`)."""
+        return importance_sampled_log_likelihood(self, tensors, n_mc_samples, max_elements)
 
     @torch.no_grad()
     def loadings(self) -> torch.Tensor:
@@ -329,6 +282,73 @@ class VAE(nn.Module):
             bn = self.scale_decoder[1]
             weight = weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).unsqueeze(-1)
         return weight
+
+
+def count_log_likelihood(
+    likelihood: str, x: torch.Tensor, gen: dict[str, torch.Tensor], nz_index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log p(x | z, l) summed over genes; shape = leading dims of ``gen['px_rate']`` without genes.
+
+    For one draw per cell (the training case) the sum is taken over the nonzero counts with
+    :func:`summed_log_likelihood`, at ``nz_index`` (flat positions of the nonzero entries of
+    ``x``, found here when not given on the CPU); with several draws, or on a GPU without
+    ``nz_index``, elementwise.
+    """
+    mu = gen["px_rate"]
+    if mu.dim() == 2:
+        if nz_index is None and x.is_cuda:  # elementwise: no search (a host synchronisation)
+            return elementwise_log_likelihood(likelihood, x, gen).sum(dim=-1)
+        if nz_index is None:
+            rows, cols = x.nonzero(as_tuple=True)
+            nz_index = rows * x.shape[1] + cols
+        nz_values = x.reshape(-1).index_select(0, nz_index)
+        return summed_log_likelihood(mu, gen["theta"], gen["zi_logits"], likelihood, nz_index, nz_values)
+    return elementwise_log_likelihood(likelihood, x, gen).sum(dim=-1)
+
+
+def elementwise_log_likelihood(likelihood: str, x: torch.Tensor, gen: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(x_g | z, l) per entry, by the reference formulas."""
+    mu = gen["px_rate"]
+    if likelihood == "zinb":
+        return log_zinb(x, mu, gen["theta"], gen["zi_logits"])
+    if likelihood == "nb":
+        return log_nb(x, mu, gen["theta"])
+    return log_poisson(x, mu)
+
+
+@torch.no_grad()
+def importance_sampled_log_likelihood(
+    module: nn.Module, tensors: dict[str, torch.Tensor], n_mc_samples: int, max_elements: int = 2**22
+) -> torch.Tensor:
+    """Importance-sampled log p(x) per cell, with q(z, l | x) as the proposal, of a module with
+    scVI's ``inference``, ``generative``, ``log_likelihood`` and library settings.
+
+    Densities are evaluated at the untransformed z, which is the correct importance weight
+    for both latent distributions (the reference uses the softmaxed z for ``ln``). Samples
+    are drawn in passes of at most ``max_elements`` decoded entries, which keeps the
+    temporaries cache-sized on CPU.
+    """
+    per_pass = max(1, max_elements // tensors["X"].numel())
+    chunks = []
+    remaining = n_mc_samples
+    while remaining > 0:
+        s = min(per_pass, remaining)
+        remaining -= s
+        inf = module.inference(tensors, n_samples=s)
+        inf = {k: (v if v.dim() == 3 else v.expand(s, *v.shape)) for k, v in inf.items()}
+        gen = module.generative(inf["z"], inf["library"], tensors)
+        z = inf["z_untransformed"]
+        log_w = (
+            module.log_likelihood(tensors["X"], gen)
+            + _log_normal(z, torch.zeros_like(z), torch.ones_like(z)).sum(-1)
+            - _log_normal(z, inf["qz_m"], inf["qz_v"]).sum(-1)
+        )
+        if not module.use_observed_lib_size:
+            lib = inf["library"]
+            prior_m, prior_v = module.library_prior(tensors["batch"])
+            log_w = log_w + (_log_normal(lib, prior_m, prior_v) - _log_normal(lib, inf["ql_m"], inf["ql_v"])).sum(-1)
+        chunks.append(log_w)
+    return torch.logsumexp(torch.cat(chunks, dim=0), dim=0) - math.log(n_mc_samples)
 
 
 def one_hot_covariates(batch: torch.Tensor, cat_covs: torch.Tensor | None, sizes) -> torch.Tensor | None:

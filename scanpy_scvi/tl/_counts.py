@@ -110,6 +110,9 @@ def batch_corrected_counts(
     # columns: adata's genes in adata order for an all-gene model (a layer), else the model's genes
     perm = pd.Index(genes).get_indexer(var_names) if all_genes else slice(None)
     likelihood = model.module.gene_likelihood
+    if likelihood not in ("nb", "zinb", "poisson"):
+        msg = f"batch_corrected_counts needs a count likelihood; this model reconstructs with {likelihood!r}."
+        raise ValueError(msg)
 
     blocks = []
     with model.seeded(random_state), model.inference_mode():
@@ -118,7 +121,7 @@ def batch_corrected_counts(
             gens = [model.module.generative(inf["z"], inf["library"], t, transform_batch=c) for c in codes]
             rho = sum(g["px_scale"] for g in gens) / len(gens)
             theta = sum(g["theta"].expand_as(rho) for g in gens) / len(gens)
-            pi = sum(torch.sigmoid(g["zi_logits"]) for g in gens) / len(gens)
+            pi = sum(torch.sigmoid(g["zi_logits"]) for g in gens) / len(gens) if likelihood == "zinb" else None
             if library_size == "observed":
                 lib = torch.as_tensor(bound.library[idx[rows]], dtype=rho.dtype, device=rho.device)[:, None]
             elif library_size == "latent":

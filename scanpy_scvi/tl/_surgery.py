@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ..model import SCVI
 
 # the scArches tutorial trains a query this long; map_query defaults to a fifth of it
-DEFAULT_QUERY_EPOCHS = {"SCVI": 200, "SCANVI": 100, "TOTALVI": 200}
+DEFAULT_QUERY_EPOCHS = {"SCVI": 200, "SCANVI": 100, "TOTALVI": 200, "TRVAE": 200}
 
 
 def map_query(
@@ -56,9 +56,10 @@ def map_query(
         the reference's by name: extra genes are ignored, missing ones are read as zero counts
         (a warning says how many). Never modified except for the outputs below.
     reference
-        A trained :class:`~scanpy_scvi.SCVI`, :class:`~scanpy_scvi.SCANVI` or
-        :class:`~scanpy_scvi.TOTALVI`, a directory written by ``model.save``, or an AnnData
-        carrying its model (``pp.scvi`` / ``pp.scanvi`` / ``pp.totalvi`` with ``store_model=True``).
+        A trained :class:`~scanpy_scvi.SCVI`, :class:`~scanpy_scvi.SCANVI`,
+        :class:`~scanpy_scvi.TOTALVI` or :class:`~scanpy_scvi.TRVAE`, a directory written by
+        ``model.save``, or an AnnData carrying its model (``pp.scvi`` / ``pp.scanvi`` /
+        ``pp.totalvi`` / ``pp.trvae`` with ``store_model=True``).
         A totalVI query may have the reference's proteins, a smaller panel or none (RNA
         only): proteins it lacks are left out of its likelihood and imputed in the outputs.
     batch_key
@@ -66,19 +67,19 @@ def map_query(
         Batches the reference does not know become new categories; several at once work.
         Cells of batches the reference knows are embedded with the reference's weights.
     labels_key
-        For a scVI reference: an ``obs`` column of the *reference* AnnData (``reference`` as
+        For a scVI (or totalVI, trVAE) reference: an ``obs`` column of the *reference* AnnData (``reference`` as
         an AnnData, or the model's own AnnData) whose labels are transferred to the query by a
         kNN vote in the latent space. For a scANVI reference its classifier predicts the
         labels and this must be ``None`` or its ``labels_key``.
     reference_key
         With ``reference`` an AnnData: the ``uns`` entry holding the model (default
-        ``'scanvi'`` if present, else ``'scvi'``).
+        the first of ``'scanvi'``, ``'totalvi'``, ``'trvae'``, ``'scvi'`` present).
     max_missing_genes
         Largest fraction of reference genes the query may lack (zero-padded) before it is an
         error. Raise it knowingly: padded genes carry no information about the query.
     max_epochs
-        Query training epochs. Default: ``min(heuristic, 40)`` for scVI and ``min(heuristic, 20)``
-        for scANVI, a fifth of the scArches tutorial's 200/100 epochs (the reference mapping
+        Query training epochs. Default: ``min(heuristic, 40)`` for scVI, totalVI and trVAE and
+        ``min(heuristic, 20)`` for scANVI, a fifth of the scArches tutorial's 200/100 epochs (the reference mapping
         page gives the measured accuracy against the tutorial's recipe); ``0`` embeds without
         training.
     lr, weight_decay, batch_size, train_size
@@ -93,7 +94,8 @@ def map_query(
     n_neighbors
         Neighbours of the kNN label vote (scVI reference).
     key_added
-        ``obsm`` key of the latent space; default ``'X_scvi'``, ``'X_scanvi'`` or ``'X_totalvi'`` (the reference's kind).
+        ``obsm`` key of the latent space; default ``'X_<kind>'`` of the reference's kind (``'X_scvi'``, ``'X_scanvi'``,
+        ``'X_totalvi'``, ``'X_trvae'``).
         The ``uns`` entry is its name without ``'X_'``.
     store_model
         Store the query model in ``query.uns[<key>]['model']`` (``tl`` functions then find it).
@@ -104,7 +106,7 @@ def map_query(
     -------
     The trained query model (save it with ``.save``; map further queries onto it). Writes:
 
-    ``query.obsm['X_scvi']`` (or ``'X_scanvi'``, ``'X_totalvi'``) : (cells, n_latent) float32
+    ``query.obsm['X_scvi']`` (or ``'X_scanvi'``, ``'X_totalvi'``, ``'X_trvae'``) : (cells, n_latent) float32
         Posterior mean in the reference's latent space.
     ``query.obs['<labels_key>_pred']`` : categorical
         Transferred labels (scANVI reference, or ``labels_key`` given).
@@ -158,7 +160,7 @@ def map_query(
             f"{len(missing)} of the reference's {len(ref_model.setup.genes)} genes are missing from the query "
             f"({shown}); they are read as zero counts."
         )
-    if not ref_model.architecture.encode_covariates:
+    if not getattr(ref_model.architecture, "encode_covariates", True):  # trVAE always encodes its conditions
         warn(
             "The reference was trained with encode_covariates=False: its encoder ignores batches, so the "
             "query's latent space is the reference encoder's output and query training cannot move it. "
@@ -229,7 +231,7 @@ def _resolve_reference(reference, reference_key: str | None) -> tuple[SCVI, AnnD
     if isinstance(reference, (str, os.PathLike)):
         return BaseModel.load(reference, device="cpu"), None
     if isinstance(reference, AnnData):
-        known = ("scanvi", "totalvi", "scvi")
+        known = ("scanvi", "totalvi", "trvae", "scvi")
         keys = [reference_key] if reference_key else [k for k in known if k in reference.uns]
         if not keys:
             msg = f"The reference AnnData carries no model (uns[{' / '.join(known)}]); pass `reference_key=`."

@@ -70,6 +70,7 @@ def train(
     grad_masks: dict[str, torch.Tensor] | None = None,
     desc: str = "Training",
     distributed: Distributed | None = None,
+    sample_weights: np.ndarray | None = None,
 ) -> tuple[dict[str, list[float]], int | None]:
     """Train ``module`` in place on ``objective`` (default the ELBO); return the per-epoch
     history and the restored best epoch.
@@ -85,6 +86,9 @@ def train(
     parameters (reference mapping): masked-out entries get exactly zero gradient and no
     weight decay, so Adam leaves them bit-identical. Parameters with ``requires_grad=False``
     are not optimised at all.
+
+    ``sample_weights`` (probabilities over ``train_idx``): each epoch draws ``len(train_idx)``
+    cells with replacement by these probabilities instead of taking every cell once.
 
     ``distributed`` (a torchrun launch): every rank draws the same global minibatches of
     ``batch_size`` x world size cells and trains on its share; gradients, epoch sums and
@@ -136,7 +140,7 @@ def train(
         batches = epoch_minibatches(
             train_idx, shuffle_rng, config.batch_size, **_reading(source),
             rank=0 if distributed is None else distributed.rank,
-            world_size=1 if distributed is None else distributed.world_size,
+            world_size=1 if distributed is None else distributed.world_size, weights=sample_weights,
         )  # fmt: skip
         for idx, batch in zip(batches, stream(source, batches, device), strict=True):
             kl_weight = config.kl_weight(epoch, step)
