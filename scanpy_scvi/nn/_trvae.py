@@ -198,7 +198,7 @@ class ConditionalVAE(nn.Module):
         return {
             "px_scale": px_scale,
             "px_rate": torch.exp(library) * px_scale,
-            "theta": torch.exp(self.log_theta[:, batch].T),
+            "theta": torch.exp(self.log_theta).T.contiguous().index_select(0, batch),  # exp of genes x conditions only
             "zi_logits": self.dropout_head(h) if self.gene_likelihood == "zinb" else None,
             "y": y,
         }
@@ -253,11 +253,16 @@ class ConditionalVAE(nn.Module):
         return importance_sampled_log_likelihood(self, tensors, n_mc_samples, max_elements)
 
 
+#: Exponents below this are clamped: exp(-80) ~ 2e-35 is 0 for the kernel, and exponentials that
+#: underflow to subnormal floats take a slow path on x86 CPUs.
+MIN_EXPONENT = -80.0
+
+
 def rbf_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The multi-scale RBF kernel matrix (rows of ``a`` x rows of ``b``) over :data:`MMD_BANDWIDTHS`."""
-    sq = ((a.unsqueeze(1) - b.unsqueeze(0)) ** 2).sum(-1)  # exact zeros on the diagonal (no sqrt, no NaN grad)
+    sq = (a.pow(2).sum(-1, keepdim=True) + b.pow(2).sum(-1) - 2 * a @ b.T).clamp(min=0)  # squared distances
     inv = 1.0 / (2.0 * torch.tensor(MMD_BANDWIDTHS, dtype=a.dtype, device=a.device))
-    return torch.exp(-sq.unsqueeze(-1) * inv).sum(-1)
+    return torch.exp((-sq.unsqueeze(-1) * inv).clamp(min=MIN_EXPONENT)).sum(-1)
 
 
 def mmd_between_conditions(
