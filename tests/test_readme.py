@@ -85,6 +85,9 @@ def test_api_tour_runs(tmp_path, monkeypatch):
     pred = query.obs["labels_pred"]
     assert pred.notna().all() and set(pred.astype(str)) <= set(adata.obs["cell_type"].astype(str))
     assert "Unknown" not in set(pred.astype(str))
+    # trVAE on the reference, the query mapped onto it
+    assert ref.obsm["X_trvae"].shape == (ref.n_obs, 10) and query.obsm["X_trvae"].shape == (query.n_obs, 10)
+    assert ref.uns["trvae"]["params"]["batch_key"] == "batch"
 
 
 def test_quick_start_unchanged():

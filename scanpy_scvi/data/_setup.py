@@ -41,6 +41,8 @@ class DataSetup:
     check_counts: bool = True
     # scANVI: this label value (or a missing labels column) marks an unlabelled cell, code n_labels
     unlabeled_category: str | None = None
+    # scPoli: label values outside label_categories (unknown or novel types) mark unlabelled cells
+    unknown_labels_unlabelled: bool = False
     # reference mapping: the fraction of model genes an AnnData may lack (zero-padded)
     max_missing_genes: float = 0.0
     # CITE-seq: protein counts in adata.obsm[protein_expression_obsm_key], in this order
@@ -219,11 +221,16 @@ class DataSetup:
         return idx
 
     def _label_codes(self, adata: AnnData) -> np.ndarray:
-        """Label codes; for scANVI the unlabelled category (or a missing column) maps to n_labels."""
-        if self.unlabeled_category is None:
+        """Label codes; for scANVI the unlabelled category (for scPoli any unknown value, or for
+        both a missing column) maps to n_labels."""
+        if self.unlabeled_category is None and not self.unknown_labels_unlabelled:
             return self._codes(adata, self.labels_key, self.label_categories, "labels_key")
         if self.labels_key is None or self.labels_key not in adata.obs.columns:
             return np.full(adata.n_obs, self.n_labels, dtype=np.int64)
+        if self.unknown_labels_unlabelled:
+            values = _categorical_obs(adata, self.labels_key, "labels_key").astype(str)
+            codes = pd.Index(self.label_categories).get_indexer(values)
+            return np.where(codes < 0, self.n_labels, codes).astype(np.int64)
         return self._codes(adata, self.labels_key, [*self.label_categories, self.unlabeled_category], "labels_key")
 
     def _codes(self, adata: AnnData, key: str | None, categories: list[str], arg: str) -> np.ndarray:

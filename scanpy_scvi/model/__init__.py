@@ -3,9 +3,10 @@
 from ._base import BaseModel
 from ._device import resolve_device
 from ._scanvi import SCANVI
+from ._scpoli import SCPOLI
 from ._scvi import SCVI
 from ._surgery import query_model
 from ._totalvi import TOTALVI
 from ._trvae import TRVAE
 
-__all__ = ["SCANVI", "SCVI", "TOTALVI", "TRVAE", "BaseModel", "query_model", "resolve_device"]
+__all__ = ["SCANVI", "SCPOLI", "SCVI", "TOTALVI", "TRVAE", "BaseModel", "query_model", "resolve_device"]

@@ -259,6 +259,10 @@ class BaseModel:
         """The architecture of a query model mapped onto this one (default: the same)."""
         return self.architecture
 
+    def adopt_query_labels(self, query: AnnData, labeled_indices, *, n_reference_labels: int) -> None:
+        """Called on a query model built by surgery: which query cells count as labelled (scPoli;
+        other models have no labelled query cells)."""
+
     def default_max_epochs(self, n_obs: int) -> int:
         """scvi-tools' heuristic: 400 epochs up to 20k cells, fewer above."""
         return max(1, min(400, round(20000 / n_obs * 400)))

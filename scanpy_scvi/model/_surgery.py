@@ -35,12 +35,15 @@ def query_model(
     max_missing_genes: float = 0.2,
     freeze_expression: bool = True,
     freeze_batchnorm_decoder: bool = False,
+    labeled_indices=None,
     random_state: int | None = 0,
 ) -> tuple[SCVI, list[str]]:
     """Build the query model for ``query`` (checked, not modified) on top of ``reference``.
 
     Returns the model, ready for :meth:`SCVI.train`, and the reference categories that are
-    new (one list per categorical block, flattened as ``'key=value'``).
+    new (one list per categorical block, flattened as ``'key=value'``). ``labeled_indices``
+    (scPoli): query cells whose labels the query model uses; their cell types the reference
+    does not know become new prototypes.
     """
     ref_setup = reference.setup
     if ref_setup.batch_key is None:
@@ -60,7 +63,12 @@ def query_model(
     ]
     labels = {}
     per_label = any(str(v).endswith("-label") for v in reference.architecture.to_dict().values())  # a dispersion
-    if ref_setup.unlabeled_category is not None or not per_label:
+    if ref_setup.unknown_labels_unlabelled:  # scPoli: labelled query cells may bring new cell types
+        labels = {"label_categories": ref_setup.label_categories + reference.new_cell_types(query, labeled_indices)}
+    elif labeled_indices is not None:
+        msg = f"labeled_indices is for a scPoli reference; this reference is {type(reference).__name__}."
+        raise ValueError(msg)
+    elif ref_setup.unlabeled_category is not None or not per_label:
         labels = {"labels_key": None}  # query cells are unlabelled; the label codes are not used otherwise
     setup = dataclasses.replace(
         ref_setup,
@@ -76,6 +84,7 @@ def query_model(
     model = type(reference)._assembled(
         setup, reference.query_architecture(), adata=query, random_state=random_state, initialised_from="reference"
     )
+    model.adopt_query_labels(query, labeled_indices, n_reference_labels=ref_setup.n_labels)
     old_sizes = (ref_setup.n_batch, *ref_setup.n_cats_per_cov)
     new_sizes = (setup.n_batch, *setup.n_cats_per_cov)
     masks = _transfer(reference.module, model.module, old_sizes, new_sizes)
@@ -107,11 +116,19 @@ def _transfer(ref: nn.Module, new: nn.Module, old_sizes, new_sizes) -> dict[str,
     n_batch_old, n_batch_new = old_sizes[0], new_sizes[0]
     masks: dict[str, torch.Tensor] = {}
     out = {}
+    tables = getattr(new, "category_tables", ())  # one row per category (embeddings): grow by rows
     for key, fresh in new_state.items():
         old = ref_state[key]
         per_batch = _batch_axis(key, old, fresh, n_batch_old, n_batch_new)
+        grown_rows = old.dim() == fresh.dim() == 2 and old.shape[1] == fresh.shape[1] and len(fresh) > len(old)
         if old.shape == fresh.shape:
             out[key] = old.clone()
+        elif grown_rows and key.startswith(tables):
+            out[key] = torch.cat([old, fresh[len(old) :]])
+            masks[key] = torch.zeros_like(out[key], dtype=torch.bool)
+            masks[key][len(old) :] = True
+        elif grown_rows and key in buffers:  # e.g. prototypes of new cell types: set by the model
+            out[key] = torch.cat([old, fresh[len(old) :]])
         elif per_batch is not None and key in buffers:
             # data-derived (library prior, measured proteins): the new batches' come from the query
             out[key] = torch.cat([old, fresh.narrow(per_batch, n_batch_old, n_batch_new - n_batch_old)], per_batch)

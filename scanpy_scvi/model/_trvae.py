@@ -199,7 +199,11 @@ class MMDObjective(Objective):
     capturable = False  # reads the MMD on the host at every step
 
     def loss(self, module: nn.Module, batch: dict[str, torch.Tensor], kl_weight: float) -> Terms:
-        out = module.loss(batch, kl_weight=kl_weight)
+        return self.terms(module.loss(batch, kl_weight=kl_weight))
+
+    @staticmethod
+    def terms(out: dict[str, torch.Tensor]) -> Terms:
+        """The :class:`Terms` of the module's loss output."""
         n = out["reconstruction_loss"].shape[0]
         return Terms(
             out["loss"], out["reconstruction_loss"], out["kl_z"], extra={"mmd": (float(out["mmd"].detach()) * n, n)}

@@ -1,9 +1,16 @@
 """Pure-torch building blocks (no AnnData here): modules, their architectures, likelihoods."""
 
-from ._architecture import SCANVIArchitecture, TOTALVIArchitecture, TRVAEArchitecture, VAEArchitecture
+from ._architecture import (
+    SCANVIArchitecture,
+    SCPOLIArchitecture,
+    TOTALVIArchitecture,
+    TRVAEArchitecture,
+    VAEArchitecture,
+)
 from ._likelihoods import log_nb_mixture, sample_counts, sample_nb_mixture
 from ._numpy import to_numpy
 from ._scanvae import SCANVAE, Classifier
+from ._scpoli import EmbeddingVAE
 from ._totalvae import TOTALVAE
 from ._trvae import ConditionalVAE, mmd_between_conditions
 from ._vae import VAE
@@ -14,7 +21,9 @@ __all__ = [
     "VAE",
     "Classifier",
     "ConditionalVAE",
+    "EmbeddingVAE",
     "SCANVIArchitecture",
+    "SCPOLIArchitecture",
     "TOTALVIArchitecture",
     "TRVAEArchitecture",
     "VAEArchitecture",

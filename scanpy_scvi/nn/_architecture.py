@@ -237,3 +237,44 @@ class TRVAEArchitecture(Settings):
             "use_batch_norm": self.use_batch_norm in (part, "both"),
             "use_layer_norm": self.use_layer_norm in (part, "both"),
         }
+
+
+def _optional_layer_sizes(name: str, value) -> None:
+    if value is not None:
+        _layer_sizes(name, value)
+
+
+def _positive_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        msg = f"{name} must be a positive number, got {value!r}."
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class SCPOLIArchitecture(TRVAEArchitecture):
+    """scPoli (De Donno et al. 2023) architecture: trVAE's networks with learned condition
+    embeddings instead of one-hot conditions; defaults are scArches' ``scPoli`` ones."""
+
+    hidden_layer_sizes: tuple[int, ...] | None = setting(
+        None,
+        "Hidden layer sizes of the encoder; the decoder mirrors them. Default: one layer of "
+        "ceil(sqrt(n_genes)) units (scArches).",
+        check=_optional_layer_sizes,
+    )
+    use_mmd: bool = setting(
+        False, "Add ``beta`` times the MMD between conditions to the loss (off in scPoli).", choices=(True, False)
+    )
+    embedding_dims: int = setting(10, "Dimensions of each condition key's embedding (default 10).", check=positive_int)
+    embedding_max_norm: float = setting(
+        1.0, "Largest Euclidean norm of a condition embedding (default 1).", check=_positive_number
+    )
+    inject_condition: Literal["both", "encoder", "decoder"] = setting(
+        "both", "Where the condition embeddings enter: ``'both'`` (default), ``'encoder'`` or ``'decoder'``.",
+        choices=("both", "encoder", "decoder"),
+    )  # fmt: skip
+    n_unlabeled_prototypes: int | None = setting(
+        None,
+        "Prototypes of the unlabelled cells (k-means centroids in the latent space). Default: twice the number "
+        "of cell types; recorded as built.",
+        check=lambda name, value: value is None or positive_int(name, value),
+    )

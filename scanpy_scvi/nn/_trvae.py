@@ -127,14 +127,16 @@ class ConditionalVAE(nn.Module):
         self.use_size_factor = use_size_factor
         self.gene_likelihood = a.gene_likelihood
         self.counts = a.gene_likelihood != "mse"
-        n_cond = n_continuous_cov + sum(n for n in (n_batch, *self.n_cats_per_cov) if n > 1)
+        self.n_continuous_cov = n_continuous_cov
+        n_cond = self.condition_width()
         hidden = list(a.hidden_layer_sizes)
         common = {"dropout_rate": a.dropout_rate}
-        self.encoder = ConditionalMLP([n_input, *hidden], n_cond, bias=True, **common, **a.normalised("encoder"))
+        n_enc, n_dec = (n_cond if self.injects(part) else 0 for part in ("encoder", "decoder"))
+        self.encoder = ConditionalMLP([n_input, *hidden], n_enc, bias=True, **common, **a.normalised("encoder"))
         self.mean = Linear(hidden[-1], a.n_latent)
         self.log_var = Linear(hidden[-1], a.n_latent)
         decoder_sizes = [a.n_latent, *reversed(hidden)]
-        self.decoder = ConditionalMLP(decoder_sizes, n_cond, bias=False, **common, **a.normalised("decoder"))
+        self.decoder = ConditionalMLP(decoder_sizes, n_dec, bias=False, **common, **a.normalised("decoder"))
         self.scale_head = Linear(hidden[0], n_input)
         if a.gene_likelihood == "zinb":
             self.dropout_head = Linear(hidden[0], n_input)
@@ -142,6 +144,14 @@ class ConditionalVAE(nn.Module):
             self.log_theta = nn.Parameter(torch.randn(n_input, n_batch))
 
     # -- conditions ------------------------------------------------------------------------------
+    def condition_width(self) -> int:
+        """Columns of :meth:`conditions`."""
+        return self.n_continuous_cov + sum(n for n in (self.n_batch, *self.n_cats_per_cov) if n > 1)
+
+    def injects(self, part: str) -> bool:
+        """Whether the conditions enter the ``'encoder'`` / ``'decoder'`` (trVAE: both)."""
+        return True
+
     def conditions(self, tensors: dict[str, torch.Tensor], transform_batch: int | None = None) -> torch.Tensor:
         """The condition columns: continuous covariates, then the one-hot condition and categories."""
         batch = tensors["batch"]
@@ -158,7 +168,7 @@ class ConditionalVAE(nn.Module):
     def inference(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> dict[str, torch.Tensor]:
         """q(z | x, c), ``n_samples`` draws and the observed log library. ``X`` may be sparse CSR."""
         x = tensors["X"]
-        h, _ = self.encoder(torch.log1p(x) if self.counts else x, self.conditions(tensors))
+        h, _ = self.encoder(torch.log1p(x) if self.counts else x, self.part_conditions("encoder", tensors))
         qz_m, qz_v = self.mean(h), torch.exp(self.log_var(h)) + VAR_EPS
         z = _rsample(qz_m, qz_v, n_samples)
         total = x.sum(dim=-1, keepdim=True)
@@ -173,8 +183,14 @@ class ConditionalVAE(nn.Module):
         return _rsample(qz_m, qz_v, 1)
 
     # -- p(x | z, c) -----------------------------------------------------------------------------
+    def part_conditions(self, part: str, tensors: dict[str, torch.Tensor], transform_batch: int | None = None):
+        """:meth:`conditions` where ``part`` takes them, else no columns."""
+        if self.injects(part):
+            return self.conditions(tensors, transform_batch)
+        return tensors["batch"].new_zeros((tensors["batch"].shape[0], 0), dtype=torch.float32)
+
     def _decode(self, z: torch.Tensor, tensors: dict[str, torch.Tensor], transform_batch: int | None):
-        cond = self.conditions(tensors, transform_batch)
+        cond = self.part_conditions("decoder", tensors, transform_batch)
         if z.dim() == 3:  # (samples, cells, latent): one pass over samples x cells
             s, n, k = z.shape
             h, y = self.decoder(z.reshape(s * n, k), cond.repeat(s, 1))
@@ -245,7 +261,10 @@ class ConditionalVAE(nn.Module):
             where = inf["z"] if a.mmd_on == "z" else gen["y"]
             mmd = a.beta * mmd_between_conditions(where, tensors["batch"], self.n_batch, a.mmd_boundary)
         loss = torch.mean(recon + kl_weight * kl_z) + mmd
-        return {"loss": loss, "reconstruction_loss": recon, "kl_z": kl_z, "kl_l": torch.zeros_like(kl_z), "mmd": mmd}
+        return {
+            "loss": loss, "reconstruction_loss": recon, "kl_z": kl_z, "kl_l": torch.zeros_like(kl_z), "mmd": mmd,
+            "z": inf["z"],
+        }  # fmt: skip
 
     @torch.no_grad()
     def marginal_ll(self, tensors: dict[str, torch.Tensor], n_mc_samples: int, max_elements: int = 2**22):

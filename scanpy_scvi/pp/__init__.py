@@ -1,8 +1,9 @@
-"""Preprocessing: fit a model and write its representation (``pp.scvi``, ``pp.scanvi``, ``pp.totalvi``, ``pp.trvae``)."""
+"""Preprocessing: fit a model and write its representation (``pp.scvi``, ``pp.scanvi``, ``pp.totalvi``, ``pp.trvae``, ``pp.scpoli``)."""
 
 from ._scanvi import scanvi
+from ._scpoli import scpoli
 from ._scvi import REFERENCE_MAPPING, scvi
 from ._totalvi import totalvi
 from ._trvae import trvae
 
-__all__ = ["REFERENCE_MAPPING", "scanvi", "scvi", "totalvi", "trvae"]
+__all__ = ["REFERENCE_MAPPING", "scanvi", "scpoli", "scvi", "totalvi", "trvae"]

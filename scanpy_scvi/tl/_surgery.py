@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ..model import SCVI
 
 # the scArches tutorial trains a query this long; map_query defaults to a fifth of it
-DEFAULT_QUERY_EPOCHS = {"SCVI": 200, "SCANVI": 100, "TOTALVI": 200, "TRVAE": 200}
+DEFAULT_QUERY_EPOCHS = {"SCVI": 200, "SCANVI": 100, "TOTALVI": 200, "TRVAE": 200, "SCPOLI": 50}
 
 
 def map_query(
@@ -35,6 +35,7 @@ def map_query(
     n_epochs_kl_warmup: int | None = None,
     freeze_expression: bool = True,
     freeze_batchnorm_decoder: bool = False,
+    labeled_indices=None,
     n_neighbors: int = 15,
     key_added: str | None = None,
     store_model: bool = True,
@@ -91,6 +92,10 @@ def map_query(
         ``False`` also trains the encoder's first layer (expression inputs included).
     freeze_batchnorm_decoder
         ``True`` also freezes the decoder's batch-norm scale and shift.
+    labeled_indices
+        scPoli reference: query cells whose ``cell_type_keys`` labels the query model may use
+        (positions, names or a boolean mask; default none, so no query label leaks into the
+        mapping). Their cell types that the reference lacks become new prototypes.
     n_neighbors
         Neighbours of the kNN label vote (scVI reference).
     key_added
@@ -106,33 +111,36 @@ def map_query(
     -------
     The trained query model (save it with ``.save``; map further queries onto it). Writes:
 
-    ``query.obsm['X_scvi']`` (or ``'X_scanvi'``, ``'X_totalvi'``, ``'X_trvae'``) : (cells, n_latent) float32
+    ``query.obsm['X_scvi']`` (or ``'X_<kind>'`` of the reference) : (cells, n_latent) float32
         Posterior mean in the reference's latent space.
     ``query.obs['<labels_key>_pred']`` : categorical
-        Transferred labels (scANVI reference, or ``labels_key`` given).
+        Transferred labels (scANVI or scPoli reference, or ``labels_key`` given).
     ``query.obs['<labels_key>_uncertainty']`` : float
-        ``1 - `` the top class probability (scANVI) or ``1 - `` the fraction of the
-        ``n_neighbors`` reference neighbours that voted for the label (kNN).
-    ``query.uns['scvi']`` (or ``'scanvi'``) : dict
+        ``1 - `` the top class probability (scANVI), the latent distance to the nearest
+        prototype (scPoli: high for cell types the reference lacks) or ``1 - `` the fraction of
+        the ``n_neighbors`` reference neighbours that voted for the label (kNN).
+    ``query.uns['scvi']`` (or ``'<kind>'``) : dict
         ``params``, the padded ``missing_genes``, ``new_categories``, ``history`` and the model.
     """
-    from ..model import SCANVI, query_model
+    from ..model import SCANVI, SCPOLI, query_model
 
     ref_model, ref_adata = _resolve_reference(reference, reference_key)
     is_scanvi = isinstance(ref_model, SCANVI)
+    is_scpoli = isinstance(ref_model, SCPOLI) and ref_model.setup.labels_key is not None
+    predicts = is_scanvi or is_scpoli  # the model labels the query itself
     if not ref_model.is_trained:
         msg = "The reference model is not trained."
         raise ValueError(msg)
     if not 0 <= max_missing_genes < 1:
         msg = f"max_missing_genes must be a fraction in [0, 1), got {max_missing_genes}."
         raise ValueError(msg)
-    if is_scanvi and labels_key not in (None, ref_model.setup.labels_key):
+    if predicts and labels_key not in (None, ref_model.setup.labels_key):
         msg = (
-            f"A scANVI reference predicts its own labels ({ref_model.setup.labels_key!r}); "
+            f"A {ref_model.name} reference predicts its own labels ({ref_model.setup.labels_key!r}); "
             f"labels_key={labels_key!r} is for kNN transfer from a scVI reference."
         )
         raise ValueError(msg)
-    if labels_key is not None and not is_scanvi:
+    if labels_key is not None and not predicts:
         ref_adata = ref_adata if ref_adata is not None else ref_model.adata
         if ref_adata is None or labels_key not in ref_adata.obs.columns:
             msg = (
@@ -152,6 +160,7 @@ def map_query(
         max_missing_genes=max_missing_genes,
         freeze_expression=freeze_expression,
         freeze_batchnorm_decoder=freeze_batchnorm_decoder,
+        labeled_indices=labeled_indices,
         random_state=random_state,
     )
     if missing:
@@ -196,6 +205,10 @@ def map_query(
         label_col = ref_model.setup.labels_key
         calls, confidence = model.label_calls()
         outputs = {"pred": calls, "uncertainty": 1.0 - confidence}
+    elif is_scpoli:
+        label_col = ref_model.setup.labels_key
+        calls = model.classify()
+        outputs = {"pred": calls["pred"].array, "uncertainty": calls["uncertainty"].to_numpy()}
     elif labels_key is not None:
         label_col = labels_key
         ref_latent = ref_model.get_latent_representation(ref_adata)
@@ -209,7 +222,7 @@ def map_query(
         "reference_class": kind, "batch_key": model.setup.batch_key, "labels_key": label_col, "max_missing_genes": max_missing_genes,
         "max_epochs": max_epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "train_size": train_size,
         "n_epochs_kl_warmup": n_epochs_kl_warmup, "freeze_expression": freeze_expression,
-        "freeze_batchnorm_decoder": freeze_batchnorm_decoder, "n_neighbors": n_neighbors if label_col and not is_scanvi else None,
+        "freeze_batchnorm_decoder": freeze_batchnorm_decoder, "n_neighbors": n_neighbors if label_col and not predicts else None,
         "random_state": random_state, "key_added": key_added,
     }  # fmt: skip
     record = model.uns_record(params, store_model=store_model)
@@ -231,7 +244,7 @@ def _resolve_reference(reference, reference_key: str | None) -> tuple[SCVI, AnnD
     if isinstance(reference, (str, os.PathLike)):
         return BaseModel.load(reference, device="cpu"), None
     if isinstance(reference, AnnData):
-        known = ("scanvi", "totalvi", "trvae", "scvi")
+        known = ("scanvi", "scpoli", "totalvi", "trvae", "scvi")
         keys = [reference_key] if reference_key else [k for k in known if k in reference.uns]
         if not keys:
             msg = f"The reference AnnData carries no model (uns[{' / '.join(known)}]); pass `reference_key=`."

@@ -82,7 +82,8 @@ def train(
     weights of the best epoch (by ``elbo_validation``, or ``elbo_train`` without a validation
     set) are restored at the end; the learning-rate schedule watches the same metric.
 
-    ``grad_masks`` (parameter name -> boolean mask of trainable entries) freezes parts of
+    A module's ``no_weight_decay`` (parameter-name prefixes, optional) trains those parameters
+    without weight decay. ``grad_masks`` (parameter name -> boolean mask of trainable entries) freezes parts of
     parameters (reference mapping): masked-out entries get exactly zero gradient and no
     weight decay, so Adam leaves them bit-identical. Parameters with ``requires_grad=False``
     are not optimised at all.
@@ -104,7 +105,12 @@ def train(
     grad_masks = {k: m.to(device) for k, m in (grad_masks or {}).items()}
     named = [(k, p) for k, p in module.named_parameters() if p.requires_grad]
     masked = [(p, grad_masks[k]) for k, p in named if k in grad_masks]
-    groups = [{"params": [p for k, p in named if k not in grad_masks], "weight_decay": config.weight_decay}]
+    exempt = getattr(module, "no_weight_decay", ())  # parameter-name prefixes trained without weight decay
+    groups = [
+        {"params": [p for k, p in named if k not in grad_masks and not k.startswith(exempt)],
+         "weight_decay": config.weight_decay},
+        {"params": [p for k, p in named if k not in grad_masks and k.startswith(exempt)], "weight_decay": 0.0},
+    ]  # fmt: skip
     if masked:  # their L2 term is added to the masked gradient by hand, below
         groups.append({"params": [p for p, _ in masked], "weight_decay": 0.0})
     graphed = (
