@@ -88,6 +88,13 @@ def test_api_tour_runs(tmp_path, monkeypatch):
     # trVAE on the reference, the query mapped onto it
     assert ref.obsm["X_trvae"].shape == (ref.n_obs, 10) and query.obsm["X_trvae"].shape == (query.n_obs, 10)
     assert ref.uns["trvae"]["params"]["batch_key"] == "batch"
+    # scPoli: predictions for every reference cell, the batches as samples, the query labelled
+    assert set(ref.obs["cell_type_scpoli_pred"].astype(str)) <= set(adata.obs["cell_type"].astype(str))
+    samples = namespace["samples"]
+    assert samples.n_obs == 4 and samples.n_vars == 10
+    assert query.obsm["X_scpoli"].shape == (query.n_obs, 10)
+    assert set(query.obs["cell_type_pred"].astype(str)) <= set(adata.obs["cell_type"].astype(str))
+    assert np.all(query.obs["cell_type_uncertainty"] >= 0)
 
 
 def test_quick_start_unchanged():

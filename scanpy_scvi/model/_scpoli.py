@@ -377,6 +377,7 @@ class PrototypeObjective(MMDObjective):
     The history gains ``prototype_loss_*``."""
 
     def __init__(self, model: SCPOLI, bound: BoundData, train_idx: np.ndarray):
+        super().__init__(with_mmd=len(np.unique(bound.source.obs["batch"][train_idx])) > 1)
         self.model, self.bound, self.train_idx = model, bound, train_idx
         self.active = False
 
@@ -390,7 +391,7 @@ class PrototypeObjective(MMDObjective):
             self.active = True
 
     def loss(self, module: nn.Module, batch: dict[str, torch.Tensor], kl_weight: float) -> Terms:
-        out = module.loss(batch, kl_weight=kl_weight)
+        out = module.loss(batch, kl_weight=kl_weight, with_mmd=self.with_mmd)
         terms = self.terms(out)
         if self.active:  # the prototype loss of the same draw of z (scArches)
             proto = module.prototype_loss(out["z"], batch["labels"])

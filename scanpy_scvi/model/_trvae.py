@@ -133,7 +133,7 @@ class TRVAE(SCVI):
         self.train_config["balanced_sampling"] = self.balanced_sampling
 
     def objective(self, bound: BoundData, train_idx: np.ndarray) -> Objective:
-        return MMDObjective()
+        return MMDObjective(with_mmd=len(np.unique(bound.source.obs["batch"][train_idx])) > 1)
 
     def sample_weights(self, bound: BoundData, train_idx: np.ndarray) -> np.ndarray | None:
         """Per training cell: 1 / (training cells of its condition), normalised (balanced sampling)."""
@@ -198,8 +198,11 @@ class MMDObjective(Objective):
 
     capturable = False  # reads the MMD on the host at every step
 
+    def __init__(self, with_mmd: bool = True):
+        self.with_mmd = with_mmd  # False when the cells come from one condition (e.g. one query batch)
+
     def loss(self, module: nn.Module, batch: dict[str, torch.Tensor], kl_weight: float) -> Terms:
-        return self.terms(module.loss(batch, kl_weight=kl_weight))
+        return self.terms(module.loss(batch, kl_weight=kl_weight, with_mmd=self.with_mmd))
 
     @staticmethod
     def terms(out: dict[str, torch.Tensor]) -> Terms:

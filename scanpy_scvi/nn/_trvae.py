@@ -250,14 +250,18 @@ class ConditionalVAE(nn.Module):
         return inf, self.generative(inf["z"], inf["library"], tensors, transform_batch=transform_batch)
 
     # -- objective -------------------------------------------------------------------------------
-    def loss(self, tensors: dict[str, torch.Tensor], kl_weight: float = 1.0) -> dict[str, torch.Tensor]:
-        """mean over cells of [recon + kl_weight * kl_z] + beta * MMD (scArches' trVAE loss)."""
+    def loss(
+        self, tensors: dict[str, torch.Tensor], kl_weight: float = 1.0, with_mmd: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """mean over cells of [recon + kl_weight * kl_z] + beta * MMD (scArches' trVAE loss).
+
+        ``with_mmd=False`` skips the MMD (zero when the cells come from one condition)."""
         inf, gen = self(tensors)
         recon = -self.log_likelihood(tensors["X"], gen, tensors.get("nz_index"))
         kl_z = _kl_normal_std(inf["qz_m"], inf["qz_v"]).sum(-1)
         a = self.architecture
         mmd = recon.new_zeros(())
-        if a.use_mmd and self.n_batch > 1:
+        if with_mmd and a.use_mmd and self.n_batch > 1:
             where = inf["z"] if a.mmd_on == "z" else gen["y"]
             mmd = a.beta * mmd_between_conditions(where, tensors["batch"], self.n_batch, a.mmd_boundary)
         loss = torch.mean(recon + kl_weight * kl_z) + mmd
