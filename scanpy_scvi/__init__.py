@@ -5,11 +5,11 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from . import datasets, pl, pp, tl
-from .model import SCANVI, SCPOLI, SCVI, TOTALVI, TRVAE
+from .model import EXPIMAP, SCANVI, SCPOLI, SCVI, TOTALVI, TRVAE
 
 try:
     __version__ = version("scanpy-scvi")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["SCANVI", "SCPOLI", "SCVI", "TOTALVI", "TRVAE", "__version__", "datasets", "pl", "pp", "tl"]
+__all__ = ["EXPIMAP", "SCANVI", "SCPOLI", "SCVI", "TOTALVI", "TRVAE", "__version__", "datasets", "pl", "pp", "tl"]

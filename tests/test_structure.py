@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import scanpy_scvi as ss
-from scanpy_scvi.nn import VAE, SCANVIArchitecture, SCPOLIArchitecture, TRVAEArchitecture, VAEArchitecture
+from scanpy_scvi.nn import VAE, EXPIMAPArchitecture, SCANVIArchitecture, SCPOLIArchitecture, TRVAEArchitecture, VAEArchitecture
 from scanpy_scvi.train import Objective, TrainConfig, train
 
 PACKAGE = Path(ss.__file__).parent
@@ -150,7 +150,8 @@ def test_pp_scanvi_takes_the_historical_names(adata):
     ("target", "architecture"),
     [(ss.SCVI, VAEArchitecture), (ss.pp.scvi, VAEArchitecture), (ss.SCANVI, SCANVIArchitecture),
      (ss.pp.scanvi, SCANVIArchitecture), (ss.TRVAE, TRVAEArchitecture), (ss.pp.trvae, TRVAEArchitecture),
-     (ss.SCPOLI, SCPOLIArchitecture), (ss.pp.scpoli, SCPOLIArchitecture)],
+     (ss.SCPOLI, SCPOLIArchitecture), (ss.pp.scpoli, SCPOLIArchitecture), (ss.EXPIMAP, EXPIMAPArchitecture),
+     (ss.pp.expimap, EXPIMAPArchitecture)],
 )  # fmt: skip
 def test_every_architecture_setting_is_an_argument_with_its_default(target, architecture):
     params = inspect.signature(target).parameters

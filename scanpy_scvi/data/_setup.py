@@ -41,6 +41,8 @@ class DataSetup:
     check_counts: bool = True
     # scANVI: this label value (or a missing labels column) marks an unlabelled cell, code n_labels
     unlabeled_category: str | None = None
+    # expiMap: the gene programs its latent units stand for (the mask's columns), in order
+    program_names: list[str] = field(default_factory=list)
     # scPoli: label values outside label_categories (unknown or novel types) mark unlabelled cells
     unknown_labels_unlabelled: bool = False
     # reference mapping: the fraction of model genes an AnnData may lack (zero-padded)

@@ -2,6 +2,7 @@
 
 from ._base import BaseModel
 from ._device import resolve_device
+from ._expimap import EXPIMAP
 from ._scanvi import SCANVI
 from ._scpoli import SCPOLI
 from ._scvi import SCVI
@@ -9,4 +10,4 @@ from ._surgery import query_model
 from ._totalvi import TOTALVI
 from ._trvae import TRVAE
 
-__all__ = ["SCANVI", "SCPOLI", "SCVI", "TOTALVI", "TRVAE", "BaseModel", "query_model", "resolve_device"]
+__all__ = ["EXPIMAP", "SCANVI", "SCPOLI", "SCVI", "TOTALVI", "TRVAE", "BaseModel", "query_model", "resolve_device"]

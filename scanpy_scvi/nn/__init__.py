@@ -1,12 +1,14 @@
 """Pure-torch building blocks (no AnnData here): modules, their architectures, likelihoods."""
 
 from ._architecture import (
+    EXPIMAPArchitecture,
     SCANVIArchitecture,
     SCPOLIArchitecture,
     TOTALVIArchitecture,
     TRVAEArchitecture,
     VAEArchitecture,
 )
+from ._expimap import ProgramVAE
 from ._likelihoods import log_nb_mixture, sample_counts, sample_nb_mixture
 from ._numpy import to_numpy
 from ._scanvae import SCANVAE, Classifier
@@ -21,7 +23,9 @@ __all__ = [
     "VAE",
     "Classifier",
     "ConditionalVAE",
+    "EXPIMAPArchitecture",
     "EmbeddingVAE",
+    "ProgramVAE",
     "SCANVIArchitecture",
     "SCPOLIArchitecture",
     "TOTALVIArchitecture",

@@ -278,3 +278,26 @@ class SCPOLIArchitecture(TRVAEArchitecture):
         "of cell types; recorded as built.",
         check=lambda name, value: value is None or positive_int(name, value),
     )
+
+
+@dataclass(frozen=True)
+class EXPIMAPArchitecture(TRVAEArchitecture):
+    """expiMap (Lotfollahi et al. 2023) architecture: trVAE's encoder and a masked linear decoder
+    with one latent unit per gene program; defaults are scArches' ``EXPIMAP`` ones."""
+
+    hidden_layer_sizes: tuple[int, ...] = setting(
+        (256, 256), "Hidden layer sizes of the encoder (default (256, 256)).", check=_layer_sizes
+    )
+    n_latent: int = setting(
+        10, "Latent dimensions: set by the model to the number of gene programs in the mask.", check=positive_int
+    )
+    gene_likelihood: Literal["nb", "mse"] = setting(
+        "nb", "``'nb'`` (default) on raw counts, or ``'mse'`` on log-normalised values.", choices=("nb", "mse")
+    )
+    use_mmd: bool = setting(False, "Add an MMD between conditions (off in expiMap).", choices=(True, False))
+    soft_mask: bool = setting(
+        False,
+        "Let genes outside a program's mask enter its decoder column, kept sparse by an L1 proximal step "
+        "(``alpha_l1`` in training) instead of being fixed at zero.",
+        choices=(True, False),
+    )

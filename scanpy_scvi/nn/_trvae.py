@@ -135,13 +135,20 @@ class ConditionalVAE(nn.Module):
         self.encoder = ConditionalMLP([n_input, *hidden], n_enc, bias=True, **common, **a.normalised("encoder"))
         self.mean = Linear(hidden[-1], a.n_latent)
         self.log_var = Linear(hidden[-1], a.n_latent)
-        decoder_sizes = [a.n_latent, *reversed(hidden)]
-        self.decoder = ConditionalMLP(decoder_sizes, n_dec, bias=False, **common, **a.normalised("decoder"))
-        self.scale_head = Linear(hidden[0], n_input)
-        if a.gene_likelihood == "zinb":
-            self.dropout_head = Linear(hidden[0], n_input)
+        self.build_decoder(n_dec)
         if self.counts:
             self.log_theta = nn.Parameter(torch.randn(n_input, n_batch))
+
+    def build_decoder(self, n_cond: int) -> None:
+        """``decoder`` (z, conditions -> hidden, first layer's output) and the output heads:
+        trVAE's mirrored MLP; ``scale_head`` maps its output to the gene logits."""
+        a = self.architecture
+        hidden = list(a.hidden_layer_sizes)
+        self.decoder = ConditionalMLP([a.n_latent, *reversed(hidden)], n_cond, bias=False, dropout_rate=a.dropout_rate,
+                                      **a.normalised("decoder"))  # fmt: skip
+        self.scale_head = Linear(hidden[0], self.n_input)
+        if a.gene_likelihood == "zinb":
+            self.dropout_head = Linear(hidden[0], self.n_input)
 
     # -- conditions ------------------------------------------------------------------------------
     def condition_width(self) -> int:

@@ -1,0 +1,217 @@
+"""EXPIMAP: the expiMap model object (gene programs as the latent space)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .._settings import keyword_settings, split_settings
+from ..data import BoundData, DataSetup, SetupArguments
+from ..nn import EXPIMAPArchitecture, ProgramVAE, to_numpy
+from ..train import TrainContext
+from ._trvae import TRVAE, MMDObjective, resolve_condition_key
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from torch import nn
+
+
+@keyword_settings(SetupArguments, EXPIMAPArchitecture)
+class EXPIMAP(TRVAE):
+    """expiMap (Lotfollahi et al. 2023), as in scArches: a conditional VAE whose latent units are
+    gene programs. The decoder is linear and masked: program ``k`` reaches only its genes (the
+    mask, from :func:`scanpy_scvi.tl.add_gene_programs`), so the latent space reads as program
+    activity; a group-lasso step switches off programs the data do not support.
+
+    Parameters
+    ----------
+    adata
+        AnnData with raw counts in ``X`` or ``layer`` and the program mask in ``varm[mask_key]``.
+    condition_key
+        scArches' name of ``batch_key``: the ``obs`` column of conditions (studies, samples).
+    mask_key, terms_key
+        The (genes, programs) binary mask in ``adata.varm[mask_key]`` and the program names in
+        ``adata.uns[terms_key]`` (as :func:`~scanpy_scvi.tl.add_gene_programs` writes them).
+    genes
+        Genes to model (default all); their rows of the mask are used.
+    {SetupArguments}
+    {EXPIMAPArchitecture}
+    random_state
+        Seed of the weight initialisation.
+    """
+
+    name = "expiMap"
+    uns_key = "expimap"
+    module_class = ProgramVAE
+    alpha: float | None = 0.7  # set by train()
+    alpha_l1: float | None = None
+
+    def __init__(
+        self,
+        adata: AnnData,
+        *,
+        condition_key: str | None = None,
+        mask_key: str = "I",
+        terms_key: str = "terms",
+        genes: Sequence[str] | None = None,
+        random_state: int | None = 0,
+        **settings,
+    ):
+        setup_args, architecture = split_settings(settings, SetupArguments)
+        setup_args["batch_key"] = resolve_condition_key(condition_key, setup_args.get("batch_key"))
+        mask, names = read_mask(adata, mask_key, terms_key, genes)
+        architecture = EXPIMAPArchitecture(**architecture).replace(n_latent=mask.shape[1])
+        if architecture.gene_likelihood == "mse":
+            setup_args["check_counts"] = False
+        setup = DataSetup.from_adata(adata, genes=genes, **setup_args)
+        setup = dataclasses.replace(setup, program_names=names)
+        self._assemble(setup, architecture, adata=adata, random_state=random_state)
+        self.module.set_mask(torch.as_tensor(mask, dtype=torch.float32))
+
+    def __repr__(self) -> str:
+        return (
+            f"EXPIMAP: {len(self.setup.genes)} genes, {self.module.n_latent} programs "
+            f"({int(self.module.active_programs().sum())} active), {self.setup.n_batch} conditions; "
+            f"trained: {self.is_trained}"
+        )
+
+    # -- training ------------------------------------------------------------------------------
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        alpha: float | None = 0.7,
+        alpha_l1: float | None = None,
+        max_kl_weight: float = 0.35,
+        n_epochs_kl_warmup: int | None = None,
+        **kwargs,
+    ) -> None:
+        """Train with scArches' expiMap defaults: the trVAE loss without MMD, a KL weight rising
+        to 0.35 over ``min(130, max_epochs)`` epochs, and after every optimiser step the proximal
+        steps (group lasso ``alpha x lr`` on each program's decoder column; with a soft mask,
+        L1 ``alpha_l1 x lr`` on the out-of-mask weights).
+
+        Parameters
+        ----------
+        max_epochs
+            ``None``: ``min(400, round(20000 / n_cells * 400))`` (scArches: 400).
+        alpha
+            Group-lasso coefficient (the scArches tutorial's 0.7; scArches' own default is none).
+            ``None`` or 0 keeps every program.
+        alpha_l1
+            L1 coefficient of the out-of-mask weights (``soft_mask=True`` only).
+        max_kl_weight, n_epochs_kl_warmup
+            scArches' ``alpha_kl`` (0.35) and ``alpha_epoch_anneal`` (default ``min(130, max_epochs)``).
+        **kwargs
+            Every other argument of :meth:`TRVAE.train`.
+        """
+        for name, value in (("alpha", alpha), ("alpha_l1", alpha_l1)):
+            if value is not None and not value >= 0:
+                msg = f"{name} must be None or >= 0, got {value}."
+                raise ValueError(msg)
+        if alpha_l1 and not self.architecture.soft_mask:
+            msg = (
+                "alpha_l1 acts on out-of-mask weights, which only a soft mask has: build the model with soft_mask=True."
+            )
+            raise ValueError(msg)
+        epochs = max_epochs if max_epochs is not None else self.default_max_epochs(self.bind().n_obs)
+        self.alpha, self.alpha_l1 = alpha, alpha_l1
+        if n_epochs_kl_warmup is None:
+            n_epochs_kl_warmup = min(130, epochs)
+        super().train(epochs, max_kl_weight=max_kl_weight, n_epochs_kl_warmup=n_epochs_kl_warmup, **kwargs)
+        self.train_config.update(alpha=alpha, alpha_l1=alpha_l1)
+
+    def objective(self, bound: BoundData, train_idx: np.ndarray) -> ProximalObjective:
+        return ProximalObjective(self.alpha or 0.0, self.alpha_l1 or 0.0)
+
+    # -- programs ----------------------------------------------------------------------------------
+    def programs(self) -> pd.DataFrame:
+        """One row per program: ``active`` (a nonzero decoder column), ``direction`` (+1 when its
+        gene weights sum to a positive number, so that a higher latent value means higher
+        expression; scArches' ``latent_directions``), ``n_genes`` (in the mask)."""
+        w = to_numpy(self.module.decoder.weight())
+        return pd.DataFrame(
+            {
+                "active": to_numpy(self.module.active_programs()).astype(bool),
+                "direction": np.sign(w.sum(0)).astype(np.float32),
+                "n_genes": to_numpy(self.module.decoder.mask.sum(0)).astype(int),
+            },
+            index=pd.Index(self.setup.program_names, name="program"),
+        )
+
+    def term_genes(self, program: str | int) -> pd.DataFrame:
+        """The genes of one program by decreasing absolute decoder weight: ``genes``, ``weights``,
+        ``in_mask`` (scArches' ``term_genes``; nonzero weights only)."""
+        k = program if isinstance(program, (int, np.integer)) else self._program_index(program)
+        w = to_numpy(self.module.decoder.weight()[:, k])
+        order = np.argsort(-np.abs(w), kind="stable")
+        order = order[np.abs(w[order]) > 0]
+        mask = to_numpy(self.module.decoder.mask[:, k]).astype(bool)
+        return pd.DataFrame({"genes": np.asarray(self.setup.genes)[order], "weights": w[order], "in_mask": mask[order]})
+
+    def _program_index(self, name: str) -> int:
+        try:
+            return self.setup.program_names.index(name)
+        except ValueError:
+            msg = f"{name!r} is not a program of the model (e.g. {self.setup.program_names[:3]})."
+            raise KeyError(msg) from None
+
+    def get_latent_representation(
+        self, adata: AnnData | None = None, indices=None, give_mean: bool = True, only_active: bool = False, **kwargs
+    ) -> np.ndarray:
+        """Program activities per cell (posterior mean of z by default); ``only_active`` keeps the
+        active programs' columns (in :meth:`programs` order). Other arguments as :class:`SCVI`'s."""
+        latent = super().get_latent_representation(adata, indices, give_mean=give_mean, **kwargs)
+        if only_active and not isinstance(latent, tuple):
+            latent = latent[:, self.programs()["active"].to_numpy()]
+        return latent
+
+
+def read_mask(adata: AnnData, mask_key: str, terms_key: str, genes: Sequence[str] | None) -> tuple[np.ndarray, list]:
+    """The (model genes, programs) 0/1 mask and the program names, checked."""
+    if mask_key not in adata.varm:
+        msg = (
+            f"adata.varm[{mask_key!r}] (the gene-program mask) not found. Build it with "
+            "`scanpy_scvi.tl.add_gene_programs(adata, 'programs.gmt')`."
+        )
+        raise KeyError(msg)
+    mask = np.asarray(adata.varm[mask_key])
+    if mask.ndim != 2 or not np.isin(mask, (0, 1)).all():
+        msg = f"adata.varm[{mask_key!r}] must be a (genes, programs) matrix of 0 and 1."
+        raise ValueError(msg)
+    names = adata.uns.get(terms_key)
+    names = [str(n) for n in (names if names is not None else [])]
+    if len(names) != mask.shape[1]:
+        msg = (
+            f"adata.uns[{terms_key!r}] must name the {mask.shape[1]} programs of varm[{mask_key!r}]; got {len(names)}."
+        )
+        raise ValueError(msg)
+    if genes is not None:
+        mask = mask[adata.var_names.get_indexer(list(genes))]
+    empty = int((mask.sum(0) == 0).sum())
+    if empty:
+        msg = f"{empty} programs have no gene among the model genes; rebuild the mask on these genes."
+        raise ValueError(msg)
+    return mask.astype(np.float32), names
+
+
+class ProximalObjective(MMDObjective):
+    """expiMap's loss (trVAE's, without MMD) with the proximal steps after every optimiser step,
+    thresholds scaled by the current learning rate (scArches)."""
+
+    def __init__(self, alpha: float, alpha_l1: float):
+        super().__init__(with_mmd=False)
+        self.alpha, self.alpha_l1 = alpha, alpha_l1
+        self.optimizer = None
+
+    def begin(self, context: TrainContext) -> None:
+        self.optimizer = context.optimizer
+
+    def after_step(self, module: nn.Module) -> None:
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        module.proximal_step(self.alpha * lr, self.alpha_l1 * lr)
