@@ -13,7 +13,14 @@ import pytest
 import torch
 
 import scanpy_scvi as ss
-from scanpy_scvi.nn import VAE, EXPIMAPArchitecture, SCANVIArchitecture, SCPOLIArchitecture, TRVAEArchitecture, VAEArchitecture
+from scanpy_scvi.nn import (
+    VAE,
+    EXPIMAPArchitecture,
+    SCANVIArchitecture,
+    SCPOLIArchitecture,
+    TRVAEArchitecture,
+    VAEArchitecture,
+)
 from scanpy_scvi.train import Objective, TrainConfig, train
 
 PACKAGE = Path(ss.__file__).parent
