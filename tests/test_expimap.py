@@ -155,3 +155,33 @@ def test_interferon_programs_top_the_stimulated_cells():
     assert stim["bf"].iloc[0] > 2.0 and stim["bf"].iloc[0] - stim["bf"].iloc[1] > 1.5
     ranked = query.uns["expimap_enrichment"]
     assert ranked["names"]["STIM"][0] == "INTERFERON_ALPHA_RESPONSE"  # rank_genes_groups layout
+
+
+def test_hsic_is_larger_for_dependent_sets():
+    from scanpy_scvi.nn import hsic
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 3, generator=gen)
+    assert float(hsic(z, z[:, :2])) > 5 * float(hsic(z, torch.randn(300, 2, generator=gen)))
+
+
+def test_a_query_can_add_extension_programs():
+    data = make_adata(n_obs=300, n_batches=3)
+    ss.tl.add_gene_programs(data, _programs(data), min_genes=12)
+    is_query = (data.obs["batch"] == "batch_2").to_numpy()
+    ref, query = data[~is_query].copy(), data[is_query].copy()
+    ref.obs["batch"] = ref.obs["batch"].cat.remove_unused_categories()
+    model = ss.EXPIMAP(ref, batch_key="batch", **SMALL)
+    model.train(max_epochs=5, progress_bar=False)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    qm = ss.tl.map_query(query, model, n_ext=2, max_epochs=5, progress_bar=False)
+    assert query.obsm["X_expimap"].shape == (query.n_obs, 6)
+    assert list(qm.programs().index[-2:]) == ["extension_0", "extension_1"]
+    after = qm.module.state_dict()
+    assert torch.equal(after["decoder.programs"], before["decoder.programs"])
+    assert torch.equal(after["mean.weight"], before["mean.weight"])
+    assert after["decoder.extension"].shape == (data.n_vars, 2) and qm.module.decoder.extension.requires_grad
+    trvae = ss.TRVAE(ref, batch_key="batch", n_latent=2)
+    trvae.train(1, progress_bar=False)
+    with pytest.raises(ValueError, match="n_ext"):
+        ss.tl.map_query(query.copy(), trvae, n_ext=1, max_epochs=0)

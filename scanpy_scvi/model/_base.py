@@ -255,9 +255,9 @@ class BaseModel:
         replacement; ``None`` (default): every training cell once per epoch."""
         return None
 
-    def query_architecture(self) -> Settings:
-        """The architecture of a query model mapped onto this one (default: the same)."""
-        return self.architecture
+    def query_architecture(self, **changes) -> Settings:
+        """The architecture of a query model mapped onto this one (default: the same, with ``changes``)."""
+        return self.architecture.replace(**changes)
 
     def adopt_query_labels(self, query: AnnData, labeled_indices, *, n_reference_labels: int) -> None:
         """Called on a query model built by surgery: which query cells count as labelled (scPoli;

@@ -12,8 +12,8 @@ import torch
 
 from .._settings import keyword_settings, split_settings
 from ..data import BoundData, DataSetup, SetupArguments
-from ..nn import EXPIMAPArchitecture, ProgramVAE, to_numpy
-from ..train import TrainContext
+from ..nn import EXPIMAPArchitecture, ProgramVAE, hsic, to_numpy
+from ..train import Terms, TrainContext
 from ._trvae import TRVAE, MMDObjective, resolve_condition_key
 
 if TYPE_CHECKING:
@@ -50,6 +50,8 @@ class EXPIMAP(TRVAE):
     module_class = ProgramVAE
     alpha: float | None = 0.7  # set by train()
     alpha_l1: float | None = None
+    gamma_ext: float | None = None
+    hsic_weight = 1.0
 
     def __init__(
         self,
@@ -87,6 +89,8 @@ class EXPIMAP(TRVAE):
         *,
         alpha: float | None = 0.7,
         alpha_l1: float | None = None,
+        gamma_ext: float | None = None,
+        hsic_weight: float = 1.0,
         max_kl_weight: float = 0.35,
         n_epochs_kl_warmup: int | None = None,
         **kwargs,
@@ -105,12 +109,22 @@ class EXPIMAP(TRVAE):
             ``None`` or 0 keeps every program.
         alpha_l1
             L1 coefficient of the out-of-mask weights (``soft_mask=True`` only).
+        gamma_ext
+            L1 coefficient of the extension programs' weights (``n_ext > 0``; scArches' ``gamma_ext``).
+        hsic_weight
+            Weight of the HSIC between extension and annotated programs (``use_hsic=True``;
+            scArches' ``beta``).
         max_kl_weight, n_epochs_kl_warmup
             scArches' ``alpha_kl`` (0.35) and ``alpha_epoch_anneal`` (default ``min(130, max_epochs)``).
         **kwargs
             Every other argument of :meth:`TRVAE.train`.
         """
-        for name, value in (("alpha", alpha), ("alpha_l1", alpha_l1)):
+        for name, value in (
+            ("alpha", alpha),
+            ("alpha_l1", alpha_l1),
+            ("gamma_ext", gamma_ext),
+            ("hsic_weight", hsic_weight),
+        ):
             if value is not None and not value >= 0:
                 msg = f"{name} must be None or >= 0, got {value}."
                 raise ValueError(msg)
@@ -120,43 +134,58 @@ class EXPIMAP(TRVAE):
             )
             raise ValueError(msg)
         epochs = max_epochs if max_epochs is not None else self.default_max_epochs(self.bind().n_obs)
-        self.alpha, self.alpha_l1 = alpha, alpha_l1
+        self.alpha, self.alpha_l1, self.gamma_ext, self.hsic_weight = alpha, alpha_l1, gamma_ext, hsic_weight
         if n_epochs_kl_warmup is None:
             n_epochs_kl_warmup = min(130, epochs)
         super().train(epochs, max_kl_weight=max_kl_weight, n_epochs_kl_warmup=n_epochs_kl_warmup, **kwargs)
-        self.train_config.update(alpha=alpha, alpha_l1=alpha_l1)
+        self.train_config.update(alpha=alpha, alpha_l1=alpha_l1, gamma_ext=gamma_ext, hsic_weight=hsic_weight)
 
     def objective(self, bound: BoundData, train_idx: np.ndarray) -> ProximalObjective:
-        return ProximalObjective(self.alpha or 0.0, self.alpha_l1 or 0.0)
+        hsic_weight = self.hsic_weight if self.architecture.use_hsic and self.architecture.n_ext else 0.0
+        return ProximalObjective(self.alpha or 0.0, self.alpha_l1 or 0.0, self.gamma_ext or 0.0, hsic_weight)
+
+    def query_architecture(self, **changes) -> EXPIMAPArchitecture:
+        """trVAE's (no dropout), with ``n_ext`` extension programs when asked (scArches' ``new_n_ext``)."""
+        return super().query_architecture(**changes)
 
     # -- programs ----------------------------------------------------------------------------------
     def programs(self) -> pd.DataFrame:
         """One row per program: ``active`` (a nonzero decoder column), ``direction`` (+1 when its
         gene weights sum to a positive number, so that a higher latent value means higher
         expression; scArches' ``latent_directions``), ``n_genes`` (in the mask)."""
-        w = to_numpy(self.module.decoder.weight())
+        w = to_numpy(self.module.decoder.all_weights())
+        n_ext = self.architecture.n_ext
+        in_mask = to_numpy(self.module.decoder.mask.sum(0)).astype(int)
         return pd.DataFrame(
             {
                 "active": to_numpy(self.module.active_programs()).astype(bool),
                 "direction": np.sign(w.sum(0)).astype(np.float32),
-                "n_genes": to_numpy(self.module.decoder.mask.sum(0)).astype(int),
+                "n_genes": np.concatenate([in_mask, np.full(n_ext, len(self.setup.genes))]),
             },
-            index=pd.Index(self.setup.program_names, name="program"),
+            index=pd.Index(self.program_names(), name="program"),
         )
+
+    def program_names(self) -> list[str]:
+        """The latent units' names: the programs, then ``extension_0``, ... (``n_ext``)."""
+        return [*self.setup.program_names, *(f"extension_{i}" for i in range(self.architecture.n_ext))]
 
     def term_genes(self, program: str | int) -> pd.DataFrame:
         """The genes of one program by decreasing absolute decoder weight: ``genes``, ``weights``,
         ``in_mask`` (scArches' ``term_genes``; nonzero weights only)."""
         k = program if isinstance(program, (int, np.integer)) else self._program_index(program)
-        w = to_numpy(self.module.decoder.weight()[:, k])
+        w = to_numpy(self.module.decoder.all_weights()[:, k])
         order = np.argsort(-np.abs(w), kind="stable")
         order = order[np.abs(w[order]) > 0]
-        mask = to_numpy(self.module.decoder.mask[:, k]).astype(bool)
+        mask = (
+            np.zeros(len(w), dtype=bool)
+            if k >= self.module.n_programs
+            else to_numpy(self.module.decoder.mask[:, k]) > 0
+        )
         return pd.DataFrame({"genes": np.asarray(self.setup.genes)[order], "weights": w[order], "in_mask": mask[order]})
 
     def _program_index(self, name: str) -> int:
         try:
-            return self.setup.program_names.index(name)
+            return self.program_names().index(name)
         except ValueError:
             msg = f"{name!r} is not a program of the model (e.g. {self.setup.program_names[:3]})."
             raise KeyError(msg) from None
@@ -204,14 +233,25 @@ class ProximalObjective(MMDObjective):
     """expiMap's loss (trVAE's, without MMD) with the proximal steps after every optimiser step,
     thresholds scaled by the current learning rate (scArches)."""
 
-    def __init__(self, alpha: float, alpha_l1: float):
+    def __init__(self, alpha: float, alpha_l1: float, gamma_ext: float = 0.0, hsic_weight: float = 0.0):
         super().__init__(with_mmd=False)
-        self.alpha, self.alpha_l1 = alpha, alpha_l1
+        self.alpha, self.alpha_l1, self.gamma_ext, self.hsic_weight = alpha, alpha_l1, gamma_ext, hsic_weight
         self.optimizer = None
 
     def begin(self, context: TrainContext) -> None:
         self.optimizer = context.optimizer
 
+    def loss(self, module: nn.Module, batch: dict[str, torch.Tensor], kl_weight: float) -> Terms:
+        out = module.loss(batch, kl_weight=kl_weight, with_mmd=False)
+        terms = self.terms(out)
+        if self.hsic_weight:  # extension programs independent of the annotated ones (scArches' HSIC)
+            k = module.n_programs
+            penalty = hsic(out["z"][:, :k], out["z"][:, k:])
+            terms.loss = terms.loss + self.hsic_weight * penalty
+            n = terms.reconstruction.shape[0]
+            terms.extra["hsic"] = (float(penalty.detach()) * n, n)
+        return terms
+
     def after_step(self, module: nn.Module) -> None:
         lr = float(self.optimizer.param_groups[0]["lr"])
-        module.proximal_step(self.alpha * lr, self.alpha_l1 * lr)
+        module.proximal_step(self.alpha * lr, self.alpha_l1 * lr, self.gamma_ext * lr)

@@ -36,6 +36,7 @@ def query_model(
     freeze_expression: bool = True,
     freeze_batchnorm_decoder: bool = False,
     labeled_indices=None,
+    n_ext: int = 0,
     random_state: int | None = 0,
 ) -> tuple[SCVI, list[str]]:
     """Build the query model for ``query`` (checked, not modified) on top of ``reference``.
@@ -43,7 +44,8 @@ def query_model(
     Returns the model, ready for :meth:`SCVI.train`, and the reference categories that are
     new (one list per categorical block, flattened as ``'key=value'``). ``labeled_indices``
     (scPoli): query cells whose labels the query model uses; their cell types the reference
-    does not know become new prototypes.
+    does not know become new prototypes. ``n_ext`` (expiMap): extension programs the query
+    model adds and learns.
     """
     ref_setup = reference.setup
     if ref_setup.batch_key is None:
@@ -81,8 +83,18 @@ def query_model(
         allow_missing_proteins=bool(ref_setup.protein_names),  # a smaller panel, or RNA only
         **labels,
     )
+    changes = {}
+    if n_ext:
+        if "n_ext" not in reference.architecture.names() or reference.architecture.n_ext:
+            msg = "n_ext adds extension programs to an expiMap reference that has none."
+            raise ValueError(msg)
+        changes["n_ext"] = int(n_ext)
     model = type(reference)._assembled(
-        setup, reference.query_architecture(), adata=query, random_state=random_state, initialised_from="reference"
+        setup,
+        reference.query_architecture(**changes),
+        adata=query,
+        random_state=random_state,
+        initialised_from="reference",
     )
     model.adopt_query_labels(query, labeled_indices, n_reference_labels=ref_setup.n_labels)
     old_sizes = (ref_setup.n_batch, *ref_setup.n_cats_per_cov)
@@ -118,6 +130,10 @@ def _transfer(ref: nn.Module, new: nn.Module, old_sizes, new_sizes) -> dict[str,
     out = {}
     tables = getattr(new, "category_tables", ())  # one row per category (embeddings): grow by rows
     for key, fresh in new_state.items():
+        if key not in ref_state:  # a part the query adds (expiMap's extension programs): it all learns
+            out[key] = fresh.clone()
+            masks[key] = torch.ones_like(fresh, dtype=torch.bool)
+            continue
         old = ref_state[key]
         per_batch = _batch_axis(key, old, fresh, n_batch_old, n_batch_new)
         grown_rows = old.dim() == fresh.dim() == 2 and old.shape[1] == fresh.shape[1] and len(fresh) > len(old)

@@ -143,9 +143,9 @@ class TRVAE(SCVI):
         weights = 1.0 / np.bincount(condition)[condition]
         return weights / weights.sum()
 
-    def query_architecture(self) -> TRVAEArchitecture:
+    def query_architecture(self, **changes) -> TRVAEArchitecture:
         """A query model has no dropout (scArches' ``remove_dropout=True``)."""
-        return self.architecture.replace(dropout_rate=0.0)
+        return self.architecture.replace(dropout_rate=0.0, **changes)
 
     # -- outputs -----------------------------------------------------------------------------------
     def get_y(

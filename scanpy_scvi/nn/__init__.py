@@ -8,7 +8,7 @@ from ._architecture import (
     TRVAEArchitecture,
     VAEArchitecture,
 )
-from ._expimap import ProgramVAE
+from ._expimap import ProgramVAE, hsic
 from ._likelihoods import log_nb_mixture, sample_counts, sample_nb_mixture
 from ._numpy import to_numpy
 from ._scanvae import SCANVAE, Classifier
@@ -31,6 +31,7 @@ __all__ = [
     "TOTALVIArchitecture",
     "TRVAEArchitecture",
     "VAEArchitecture",
+    "hsic",
     "log_nb_mixture",
     "mmd_between_conditions",
     "sample_counts",

@@ -301,3 +301,15 @@ class EXPIMAPArchitecture(TRVAEArchitecture):
         "(``alpha_l1`` in training) instead of being fixed at zero.",
         choices=(True, False),
     )
+    n_ext: int = setting(
+        0,
+        "Unconstrained extension programs (latent units whose decoder column may use any gene), e.g. learned "
+        "from a query by ``tl.map_query(..., n_ext=)``; sparsified by ``gamma_ext`` in training.",
+        check=lambda name, value: value == 0 or positive_int(name, value),
+    )
+    use_hsic: bool = setting(
+        False,
+        "Penalise the dependence (HSIC) between the extension programs and the annotated ones, so that the "
+        "extensions capture what the annotated programs do not.",
+        choices=(True, False),
+    )

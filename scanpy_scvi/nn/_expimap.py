@@ -16,26 +16,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._architecture import EXPIMAPArchitecture
-from ._trvae import ConditionalVAE, ConditionWeights
+from ._trvae import VAR_EPS, ConditionalVAE, ConditionWeights
 
 
 class ProgramDecoder(nn.Module):
-    """Masked linear map from the programs (and the conditions) to the gene logits."""
+    """Masked linear map from the programs (then the extension programs, unmasked) and the
+    conditions to the gene logits."""
 
-    def __init__(self, n_programs: int, n_genes: int, n_cond: int, *, soft_mask: bool):
+    def __init__(self, n_programs: int, n_genes: int, n_cond: int, *, soft_mask: bool, n_ext: int = 0):
         super().__init__()
-        self.soft_mask = soft_mask
+        self.soft_mask, self.n_programs = soft_mask, n_programs
         self.programs = nn.Parameter(torch.empty(n_genes, n_programs))
         nn.init.kaiming_uniform_(self.programs, a=math.sqrt(5))  # as nn.Linear(n_programs, n_genes)
         self.register_buffer("mask", torch.ones(n_genes, n_programs))
         self.condition = ConditionWeights(n_cond, n_genes)
+        if n_ext:
+            self.extension = nn.Parameter(torch.empty(n_genes, n_ext))
+            nn.init.kaiming_uniform_(self.extension, a=math.sqrt(5))
 
     def weight(self) -> torch.Tensor:
         """The program weights as used: out-of-mask entries are zero unless the mask is soft."""
         return self.programs if self.soft_mask else self.programs * self.mask
 
+    def all_weights(self) -> torch.Tensor:
+        """(genes, programs + extensions): every latent unit's gene weights."""
+        w = self.weight()
+        return torch.cat([w, self.extension], dim=1) if hasattr(self, "extension") else w
+
     def forward(self, z: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(z, self.weight()) + self.condition(cond)
+        logits = F.linear(z, self.all_weights()) + self.condition(cond)
         return logits, logits
 
 
@@ -46,8 +55,19 @@ class ProgramVAE(ConditionalVAE):
 
     def build_decoder(self, n_cond: int) -> None:
         a = self.architecture
-        self.decoder = ProgramDecoder(a.n_latent, self.n_input, n_cond, soft_mask=a.soft_mask)
+        self.n_programs = a.n_latent
+        self.decoder = ProgramDecoder(a.n_latent, self.n_input, n_cond, soft_mask=a.soft_mask, n_ext=a.n_ext)
         self.scale_head = nn.Identity()
+        if a.n_ext:  # the extensions' own encoder heads (scArches' expand_mean/var_encoder)
+            hidden = a.hidden_layer_sizes[-1]
+            self.ext_mean, self.ext_log_var = nn.Linear(hidden, a.n_ext), nn.Linear(hidden, a.n_ext)
+            self.n_latent = a.n_latent + a.n_ext
+
+    def posterior(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m, v = super().posterior(h)
+        if not self.architecture.n_ext:
+            return m, v
+        return torch.cat([m, self.ext_mean(h)], -1), torch.cat([v, torch.exp(self.ext_log_var(h)) + VAR_EPS], -1)
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor) -> None:
@@ -57,22 +77,41 @@ class ProgramVAE(ConditionalVAE):
             self.decoder.programs.mul_(self.decoder.mask)
 
     @torch.no_grad()
-    def proximal_step(self, group_threshold: float, l1_threshold: float = 0.0) -> None:
+    def proximal_step(self, group_threshold: float, l1_threshold: float = 0.0, ext_threshold: float = 0.0) -> None:
         """After an optimiser step (thresholds = coefficient x learning rate): soft-threshold the
         out-of-mask weights by ``l1_threshold`` (soft mask), then shrink every program's column
         of weights by ``group_threshold`` in Euclidean norm, zeroing columns shorter than that
-        (group lasso; scArches' ``ProxL1`` and ``ProxGroupLasso``)."""
+        (group lasso), and soft-threshold the extension weights by ``ext_threshold`` (scArches'
+        ``ProxL1`` and ``ProxGroupLasso``). Frozen weights (a query model's) are left alone."""
         w = self.decoder.programs
-        if not w.requires_grad:  # frozen (a query model): the reference's programs stay as they are
-            return
-        if self.decoder.soft_mask and l1_threshold > 0:
-            outside = self.decoder.mask == 0
-            shrunk = w.sign() * (w.abs() - l1_threshold).clamp(min=0)
-            w.copy_(torch.where(outside, shrunk, w))
-        if group_threshold > 0:
+        if w.requires_grad and self.decoder.soft_mask and l1_threshold > 0:
+            w.copy_(torch.where(self.decoder.mask == 0, _soft_threshold(w, l1_threshold), w))
+        if w.requires_grad and group_threshold > 0:
             norms = w.norm(dim=0)
             w.mul_((1 - group_threshold / norms.clamp(min=1e-30)).clamp(min=0))
+        ext = getattr(self.decoder, "extension", None)
+        if ext is not None and ext.requires_grad and ext_threshold > 0:
+            ext.copy_(_soft_threshold(ext, ext_threshold))
 
     def active_programs(self) -> torch.Tensor:
-        """Boolean (programs,): columns with a nonzero weight."""
-        return self.decoder.weight().abs().sum(0) > 0
+        """Boolean (programs + extensions,): columns with a nonzero weight."""
+        return self.decoder.all_weights().abs().sum(0) > 0
+
+
+def _soft_threshold(w: torch.Tensor, threshold: float) -> torch.Tensor:
+    return w.sign() * (w.abs() - threshold).clamp(min=0)
+
+
+def hsic(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hilbert-Schmidt independence criterion between the rows of ``a`` and of ``b`` (cells x
+    dims), RBF kernels with the median-heuristic bandwidth of a d-dimensional Gaussian (scArches,
+    after Lopez et al. 2018's HCV); the square root of the biased estimate."""
+    ka, kb = _rbf(a), _rbf(b)
+    h = (ka * kb).mean() + ka.mean() * kb.mean() - 2 * (ka.mean(1) * kb.mean(1)).mean()
+    return h.clamp(min=0).sqrt()
+
+
+def _rbf(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[1]
+    scale = 2 * math.exp(math.lgamma(0.5 * (d + 1)) - math.lgamma(0.5 * d))
+    return torch.exp(-((x.unsqueeze(0) - x.unsqueeze(1)) ** 2).sum(-1) / (2 * scale**2))

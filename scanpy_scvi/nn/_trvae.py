@@ -176,7 +176,7 @@ class ConditionalVAE(nn.Module):
         """q(z | x, c), ``n_samples`` draws and the observed log library. ``X`` may be sparse CSR."""
         x = tensors["X"]
         h, _ = self.encoder(torch.log1p(x) if self.counts else x, self.part_conditions("encoder", tensors))
-        qz_m, qz_v = self.mean(h), torch.exp(self.log_var(h)) + VAR_EPS
+        qz_m, qz_v = self.posterior(h)
         z = _rsample(qz_m, qz_v, n_samples)
         total = x.sum(dim=-1, keepdim=True)
         total = total.to_dense() if total.layout == torch.sparse_csr else total
@@ -184,6 +184,10 @@ class ConditionalVAE(nn.Module):
         if n_samples > 1:
             library = library.expand(n_samples, *library.shape)
         return {"qz_m": qz_m, "qz_v": qz_v, "z_untransformed": z, "z": z, "library": library}
+
+    def posterior(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(z | x, c) from the encoder's last hidden layer."""
+        return self.mean(h), torch.exp(self.log_var(h)) + VAR_EPS
 
     def sample_z(self, qz_m: torch.Tensor, qz_v: torch.Tensor) -> torch.Tensor:
         """One draw of z from q(z | x) = N(qz_m, qz_v)."""

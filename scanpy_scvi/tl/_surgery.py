@@ -36,6 +36,7 @@ def map_query(
     freeze_expression: bool = True,
     freeze_batchnorm_decoder: bool = False,
     labeled_indices=None,
+    n_ext: int = 0,
     n_neighbors: int = 15,
     key_added: str | None = None,
     store_model: bool = True,
@@ -96,6 +97,10 @@ def map_query(
         scPoli reference: query cells whose ``cell_type_keys`` labels the query model may use
         (positions, names or a boolean mask; default none, so no query label leaks into the
         mapping). Their cell types that the reference lacks become new prototypes.
+    n_ext
+        expiMap reference: unconstrained extension programs the query model adds and learns, to
+        capture what the reference's programs miss (scArches' ``new_n_ext``); they appear as
+        ``extension_0``, ... in its ``programs()``.
     n_neighbors
         Neighbours of the kNN label vote (scVI reference).
     key_added
@@ -161,6 +166,7 @@ def map_query(
         freeze_expression=freeze_expression,
         freeze_batchnorm_decoder=freeze_batchnorm_decoder,
         labeled_indices=labeled_indices,
+        n_ext=n_ext,
         random_state=random_state,
     )
     if missing:
