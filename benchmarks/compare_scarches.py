@@ -13,7 +13,10 @@ reference latent (cells with a known label), and the scores of reference + query
 Models: ``trvae`` (scArches ``TRVAE`` vs :class:`scanpy_scvi.TRVAE`) and ``scpoli`` (``scPoli``
 vs :class:`scanpy_scvi.SCPOLI`: prototypes after 80 % of the epochs, ``eta`` 5 as in the scArches
 tutorial, no query cell labelled; the report adds the query's nearest-prototype accuracy and
-macro-F1). Reference cells labelled ``unknown``/``other`` count as unlabelled. scArches needs dense
+macro-F1), and ``expimap`` (``EXPIMAP`` vs :class:`scanpy_scvi.EXPIMAP`, on its own data: the non-Kang
+studies as reference with the MSigDB hallmark programs, the Kang CTRL + STIM cells mapped as one
+study; the report gives the ranks and Bayes factors of the interferon programs in STIM vs CTRL).
+Reference cells labelled ``unknown``/``other`` count as unlabelled. scArches needs dense
 float32 counts in ``X`` and anndata < 0.12; run in the venv that
 ``../shared/tools/scarches_venv.sh`` builds, with this package installed into it
 (``pip install --no-deps -e .``)::
@@ -43,7 +46,7 @@ UNLABELLED = ("unknown", "other")  # not scored in label transfer
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="trvae,scpoli", help="comma-separated (default: trvae,scpoli)")
+    p.add_argument("--models", default="trvae,scpoli,expimap", help="comma-separated (default: all three)")
     p.add_argument("--query-batch", default="zheng2017_sorted")
     p.add_argument("--epochs", type=int, default=50, help="reference training epochs (both systems)")
     p.add_argument("--query-epochs", type=int, default=40, help="query training epochs (both systems)")
@@ -235,7 +238,101 @@ def scpoli_ours(ref, query, args) -> dict:
     return out
 
 
-MODELS = {"trvae": (trvae_ours, trvae_scarches), "scpoli": (scpoli_ours, scpoli_scarches)}
+# -- expiMap ------------------------------------------------------------------------------------------------
+KANG = SHARED / "kang2018_ifnb_pbmc_2k.h5ad"
+HALLMARK = SHARED / "msigdb_h.all.v7.0.symbols.gmt"
+INTERFERON = ("INTERFERON_ALPHA_RESPONSE", "INTERFERON_GAMMA_RESPONSE")
+
+
+def load_interferon(_query_batch: str):
+    """expiMap's demonstration: reference = the non-Kang PBMC studies, query = Kang CTRL + STIM as one
+    study; genes shared by both; hallmark programs (scArches' add_annotations rule, clean names)."""
+    import anndata as ad
+
+    import scanpy_scvi
+
+    ref = ad.read_h5ad(DATA)
+    ref = ref[~ref.obs["batch"].astype(str).str.startswith("kang")].copy()
+    query = ad.read_h5ad(KANG)
+    genes = ref.var_names.intersection(query.var_names)
+    ref, query = ref[:, genes].copy(), query[:, genes].copy()
+    for part in (ref, query):
+        part.X = part.X.toarray().astype(np.float32) if hasattr(part.X, "toarray") else part.X.astype(np.float32)
+    ref.obs["study"] = ref.obs["batch"].astype(str).astype("category")
+    ref.obs["batch"], ref.obs["cell_type"] = ref.obs["study"], ref.obs["cell_type"].astype(str).astype("category")
+    query.obs["condition"] = query.obs["batch"].astype(str)
+    query.obs["study"] = pd_category("kang2018", query.n_obs)
+    scanpy_scvi.tl.add_gene_programs(ref, HALLMARK, min_genes=12, clean=True)
+    query.varm["I"] = ref.varm["I"]
+    query.uns["terms"] = ref.uns["terms"]
+    return ref, query
+
+
+def pd_category(value: str, n: int):
+    import pandas as pd
+
+    return pd.Categorical([value] * n)
+
+
+def ranks(names, bf) -> dict:
+    order = list(np.asarray(names)[np.argsort(-np.asarray(bf), kind="stable")])
+    return {p: {"rank": order.index(p) + 1, "bf": float(np.asarray(bf)[list(names).index(p)])} for p in INTERFERON}
+
+
+def expimap_scarches(ref, query, args) -> dict:
+    import scarches as sca
+    import torch
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model = sca.models.EXPIMAP(adata=ref, condition_key="study", hidden_layer_sizes=[256, 256], recon_loss="nb")
+    model.train(n_epochs=args.epochs, alpha_epoch_anneal=min(130, args.epochs), alpha=0.7, alpha_kl=0.35,
+                use_early_stopping=False, monitor=False, seed=args.seed)  # fmt: skip
+    train_seconds = time.perf_counter() - t0
+    ref_latent = model.get_latent(mean=True)
+    t0 = time.perf_counter()
+    qm = sca.models.EXPIMAP.load_query_data(adata=query, reference_model=model)
+    qm.train(n_epochs=args.query_epochs, alpha_epoch_anneal=min(130, args.query_epochs), alpha_kl=0.35,
+             use_early_stopping=False, monitor=False, seed=args.seed)  # fmt: skip
+    query_seconds = time.perf_counter() - t0
+    qm.latent_directions(adata=query)
+    qm.latent_enrich(groups="condition", comparison="CTRL", use_directions=True, adata=query)
+    terms = list(ref.uns["terms"])
+    return {"train_seconds": train_seconds, "epochs_run": args.epochs,
+            "cells_per_second": ref.n_obs * args.epochs / train_seconds, "query_seconds": query_seconds,
+            "reference_scores": scores(ref_latent, ref.obs, args.seed),
+            "active_programs": int(model.model.decoder.nonzero_terms().sum()),
+            "interferon": ranks(terms, query.uns["bf_scores"]["STIM"]["bf"])}  # fmt: skip
+
+
+def expimap_ours(ref, query, args) -> dict:
+    import scanpy_scvi
+
+    t0 = time.perf_counter()
+    model = scanpy_scvi.EXPIMAP(ref, condition_key="study", random_state=args.seed)
+    model.train(args.epochs, alpha=0.7, early_stopping=False, reduce_lr_on_plateau=False, device="cpu",
+                random_state=args.seed, progress_bar=False)  # fmt: skip
+    train_seconds = time.perf_counter() - t0
+    ref_latent = model.get_latent_representation()
+    t0 = time.perf_counter()
+    q = query.copy()
+    scanpy_scvi.tl.map_query(q, model, batch_key="study", max_epochs=args.query_epochs, weight_decay=0.04,
+                             device="cpu", random_state=args.seed, progress_bar=False)  # fmt: skip
+    query_seconds = time.perf_counter() - t0
+    table = scanpy_scvi.tl.gene_program_enrichment(q, groupby="condition", comparison="CTRL", only_active=False)
+    stim = table[table["group"] == "STIM"]
+    return {"train_seconds": train_seconds, "epochs_run": args.epochs,
+            "cells_per_second": ref.n_obs * args.epochs / train_seconds, "query_seconds": query_seconds,
+            "reference_scores": scores(ref_latent, ref.obs, args.seed),
+            "active_programs": int(model.programs()["active"].sum()),
+            "interferon": ranks(stim["program"].to_numpy(), stim["bf"].to_numpy())}  # fmt: skip
+
+
+MODELS = {
+    "trvae": (trvae_ours, trvae_scarches, load),
+    "scpoli": (scpoli_ours, scpoli_scarches, load),
+    "expimap": (expimap_ours, expimap_scarches, load_interferon),
+}
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -247,11 +344,18 @@ def print_report(name: str, ours: dict, theirs: dict) -> None:
           f"{ours['cells_per_second'] / theirs['cells_per_second']:.2f}x |")  # fmt: skip
     print(f"| query mapping, s | {ours['query_seconds']:.1f} | {theirs['query_seconds']:.1f} | "
           f"{theirs['query_seconds'] / ours['query_seconds']:.2f}x faster |")  # fmt: skip
-    for part in ("reference_scores", "combined_scores"):
+    for part in (k for k in ("reference_scores", "combined_scores") if k in ours):
         for metric in ("nmi_kmeans", "ari_kmeans", "silhouette_label", "silhouette_batch", "graph_connectivity",
                        "bio", "batch", "total"):  # fmt: skip
             a, b = ours[part][metric], theirs[part][metric]
             print(f"| {part.split('_')[0]} {metric} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
+    if "interferon" in ours:
+        print(f"| active programs | {ours['active_programs']} | {theirs['active_programs']} | |")
+        for p in INTERFERON:
+            a, b = ours["interferon"][p], theirs["interferon"][p]
+            print(
+                f"| STIM vs CTRL {p}: rank (Bayes factor) | {a['rank']} ({a['bf']:.2f}) | {b['rank']} ({b['bf']:.2f}) | |"
+            )
     for source, label in (("label_transfer", "query kNN"), ("prototype_transfer", "query prototype")):
         if source not in ours:
             continue
@@ -267,12 +371,12 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     print(f"load average at start {load_average()}", flush=True)
-    ref, query = load(args.query_batch)
-    print(f"reference {ref.n_obs} cells ({', '.join(ref.obs['batch'].cat.categories)}), query {query.n_obs} cells "
-          f"({args.query_batch}), {ref.n_vars} genes, {args.epochs} + {args.query_epochs} epochs", flush=True)  # fmt: skip
     results = {}
     for name in args.models.split(","):
-        ours_fn, theirs_fn = MODELS[name]
+        ours_fn, theirs_fn, loader = MODELS[name]
+        ref, query = loader(args.query_batch)
+        print(f"{name}: reference {ref.n_obs} cells ({', '.join(ref.obs['batch'].cat.categories)}), query {query.n_obs} "
+              f"cells, {ref.n_vars} genes, {args.epochs} + {args.query_epochs} epochs", flush=True)  # fmt: skip
         results[name] = {}
         for system, fn in (("scanpy-scvi", ours_fn), ("scArches", theirs_fn)):
             torch.set_num_threads(args.threads)
