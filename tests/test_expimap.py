@@ -185,3 +185,9 @@ def test_a_query_can_add_extension_programs():
     trvae.train(1, progress_bar=False)
     with pytest.raises(ValueError, match="n_ext"):
         ss.tl.map_query(query.copy(), trvae, n_ext=1, max_epochs=0)
+
+
+def test_differential_expression_works_on_programs_model(fitted):
+    data, model = fitted
+    de = ss.tl.differential_expression(data, groupby="labels", model=model, n_samples=100, inplace=False)
+    assert len(de) == 3 * data.n_vars and np.all(np.isfinite(de["lfc_mean"]))

@@ -211,3 +211,12 @@ def test_a_cell_line_the_reference_never_saw_is_flagged_then_learned():
     assert "H838" in qm.setup.label_categories
     right = labelled.obs["cell_type_pred"].astype(str) == labelled.obs["cell_type"].astype(str)
     assert right[~half].mean() > 0.85 and right[~half & novel].mean() > 0.7
+
+
+def test_random_state_reproduces_bit_for_bit():
+    a, b = make_adata(n_obs=120, n_batches=2), make_adata(n_obs=120, n_batches=2)
+    for x in (a, b):
+        ss.pp.scpoli(x, condition_keys="batch", cell_type_keys="labels", use_highly_variable_genes=False,
+                     max_epochs=4, pretraining_epochs=2, progress_bar=False, **SMALL)  # fmt: skip
+    np.testing.assert_array_equal(a.obsm["X_scpoli"], b.obsm["X_scpoli"])
+    np.testing.assert_array_equal(a.obs["labels_scpoli_uncertainty"], b.obs["labels_scpoli_uncertainty"])
