@@ -220,3 +220,11 @@ def test_random_state_reproduces_bit_for_bit():
                      max_epochs=4, pretraining_epochs=2, progress_bar=False, **SMALL)  # fmt: skip
     np.testing.assert_array_equal(a.obsm["X_scpoli"], b.obsm["X_scpoli"])
     np.testing.assert_array_equal(a.obs["labels_scpoli_uncertainty"], b.obs["labels_scpoli_uncertainty"])
+
+
+def test_early_stopping_watches_only_after_pretraining():
+    data = make_adata(n_obs=120, n_batches=2)
+    model = ss.SCPOLI(data, condition_keys="batch", cell_type_keys="labels", **SMALL)
+    model.train(max_epochs=12, pretraining_epochs=8, early_stopping=True, early_stopping_patience=1,
+                progress_bar=False)  # fmt: skip
+    assert model.train_config["best_epoch"] >= 8  # never a weight state from before the prototypes

@@ -168,7 +168,8 @@ class SCPOLI(TRVAE):
         n_epochs_kl_warmup
             Epochs of linear KL warm-up (scArches' ``alpha_epoch_anneal``, default 100).
         early_stopping, reduce_lr_on_plateau
-            As :meth:`TRVAE.train`, watched from the end of pretraining on (scArches).
+            As :meth:`TRVAE.train`, watching the ELBO only from the end of pretraining on
+            (scArches), so that the restored weights have been trained with the prototypes.
         balanced_sampling
             Off by default for scPoli (scArches' default).
         **kwargs
@@ -379,6 +380,7 @@ class PrototypeObjective(MMDObjective):
     def __init__(self, model: SCPOLI, bound: BoundData, train_idx: np.ndarray):
         super().__init__(with_mmd=len(np.unique(bound.source.obs["batch"][train_idx])) > 1)
         self.model, self.bound, self.train_idx = model, bound, train_idx
+        self.monitor_from = model.pretraining_epochs if model.setup.labels_key else 0  # scArches
         self.active = False
 
     def begin(self, context: TrainContext) -> None:

@@ -180,10 +180,11 @@ def train(
         for k, v in metrics.items():
             history.setdefault(k, []).append(v)
         bar.set_postfix(elbo=f"{metrics[monitor]:.1f}", refresh=False)
-        if scheduler is not None:
+        watching = epoch >= objective.monitor_from
+        if scheduler is not None and watching:
             scheduler.step(metrics[monitor])
 
-        if config.early_stopping:
+        if config.early_stopping and watching:
             if metrics[monitor] < best - config.early_stopping_min_delta:
                 best, best_epoch, since_best = metrics[monitor], epoch, 0
                 best_state = copy.deepcopy(module.state_dict())

@@ -68,6 +68,9 @@ class Objective:
     #: The loss can train across processes (strategy='ddp'): it trains only the module's
     #: parameters, whose gradients DDP all-reduces (not, e.g., a classifier of its own).
     distributable: bool = True
+    #: Early stopping and the learning-rate schedule watch the ELBO from this epoch on (e.g. once
+    #: a loss term that starts later is in, so that no earlier epoch's weights are restored).
+    monitor_from: int = 0
 
     def begin(self, context: TrainContext) -> None:
         """Called once before the first epoch."""
