@@ -104,6 +104,19 @@ def assert_unchanged(adata, snap: dict) -> None:
         assert _same_matrix(adata.layers[k], v), f"layers[{k!r}] was modified"
 
 
+def grown_columns_only(before: dict, after: dict) -> list[str]:
+    """Check a query model's state against its reference's: every tensor whose shape is unchanged
+    is bit-identical, and a tensor that grew keeps its reference columns bit-identical. Returns
+    the names of the grown tensors, sorted."""
+    import torch
+
+    grown = sorted(k for k in before if after[k].shape != before[k].shape)
+    for k, old in before.items():
+        kept = after[k] if k not in grown else after[k][:, : old.shape[1]]
+        assert torch.equal(kept, old), f"{k} moved"
+    return grown
+
+
 IFNB = Path(__file__).resolve().parents[2] / "shared" / "data" / "kang2018_ifnb_pbmc_2k.h5ad"
 
 

@@ -9,7 +9,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from conftest import assert_unchanged, make_adata, snapshot
+from conftest import assert_unchanged, grown_columns_only, make_adata, snapshot
 
 import scanpy_scvi as ss
 from scanpy_scvi.nn import ProgramVAE
@@ -124,11 +124,8 @@ def test_map_query_keeps_the_reference_bit_identical():
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     qm = ss.tl.map_query(query, model, max_epochs=5, progress_bar=False)
     after = qm.module.state_dict()
-    grown = sorted(k for k in before if after[k].shape != before[k].shape)
+    grown = grown_columns_only(before, after)
     assert grown == ["decoder.condition.weight", "encoder.condition.weight", "log_theta"]
-    for k, old in before.items():
-        kept = after[k] if k not in grown else after[k][:, : old.shape[1]]
-        assert torch.equal(kept, old), f"{k} moved"
     assert query.obsm["X_expimap"].shape == (query.n_obs, 4)
 
 

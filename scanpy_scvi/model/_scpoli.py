@@ -15,7 +15,7 @@ from ..data import BoundData, DataSetup, SetupArguments, categories
 from ..nn import EmbeddingVAE, SCPOLIArchitecture, to_numpy
 from ..train import Terms, TrainContext
 from ._selection import cell_positions
-from ._trvae import TRVAE, MMDObjective
+from ._trvae import TRVAE, MMDObjective, several_conditions
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -82,15 +82,13 @@ class SCPOLI(TRVAE):
                 msg = "Pass the conditions as condition_keys, or as batch_key / categorical_covariate_keys, not both."
                 raise ValueError(msg)
             setup_args.update(batch_key=keys[0], categorical_covariate_keys=keys[1:])
-        architecture = SCPOLIArchitecture(**architecture)
         genes = list(adata.var_names if genes is None else genes)
-        if architecture.hidden_layer_sizes is None:
-            architecture = architecture.replace(hidden_layer_sizes=(int(np.ceil(np.sqrt(len(genes)))),))
+        architecture = SCPOLIArchitecture(**architecture).for_genes(len(genes))
         if architecture.gene_likelihood == "mse":
             setup_args["check_counts"] = False
         setup = DataSetup.from_adata(adata, genes=genes, **setup_args)
-        setup = with_cell_types(setup, adata, cell_type_keys, unknown_ct_names, labeled_indices)
         self.labeled_mask = labelled_mask(adata, labeled_indices)
+        setup = with_cell_types(setup, adata, cell_type_keys, unknown_ct_names, self.labeled_mask)
         self._assemble(setup, architecture, adata=adata, random_state=random_state)
 
     n_reference_prototypes = 0  # a query model keeps the reference's prototypes
@@ -342,9 +340,10 @@ def labelled_mask(adata: AnnData, labeled_indices) -> np.ndarray | None:
     return mask
 
 
-def with_cell_types(setup: DataSetup, adata: AnnData, cell_type_keys, unknown_ct_names, labeled_indices) -> DataSetup:
+def with_cell_types(setup: DataSetup, adata: AnnData, cell_type_keys, unknown_ct_names, mask) -> DataSetup:
     """``setup`` with scPoli's cell types: the known values of ``cell_type_keys`` among the
-    labelled cells, minus ``unknown_ct_names``; any other value marks an unlabelled cell."""
+    labelled cells (``mask``; None: all), minus ``unknown_ct_names``; any other value marks an
+    unlabelled cell."""
     keys = [cell_type_keys] if isinstance(cell_type_keys, str) else list(cell_type_keys or [])
     if not keys:
         return setup
@@ -352,7 +351,6 @@ def with_cell_types(setup: DataSetup, adata: AnnData, cell_type_keys, unknown_ct
         msg = "scPoli here takes one cell_type_keys column; train one model per annotation level."
         raise ValueError(msg)
     unknown = {str(u) for u in (unknown_ct_names or [])}
-    mask = labelled_mask(adata, labeled_indices)
     values = adata[mask].obs if mask is not None else adata.obs
     known = [c for c in categories(adata, keys[0], "cell_type_keys") if c not in unknown]
     present = set(values[keys[0]].astype(str))
@@ -378,7 +376,7 @@ class PrototypeObjective(MMDObjective):
     The history gains ``prototype_loss_*``."""
 
     def __init__(self, model: SCPOLI, bound: BoundData, train_idx: np.ndarray):
-        super().__init__(with_mmd=len(np.unique(bound.source.obs["batch"][train_idx])) > 1)
+        super().__init__(with_mmd=several_conditions(bound, train_idx))
         self.model, self.bound, self.train_idx = model, bound, train_idx
         self.monitor_from = model.pretraining_epochs if model.setup.labels_key else 0  # scArches
         self.active = False

@@ -133,7 +133,7 @@ class TRVAE(SCVI):
         self.train_config["balanced_sampling"] = self.balanced_sampling
 
     def objective(self, bound: BoundData, train_idx: np.ndarray) -> Objective:
-        return MMDObjective(with_mmd=len(np.unique(bound.source.obs["batch"][train_idx])) > 1)
+        return MMDObjective(with_mmd=several_conditions(bound, train_idx))
 
     def sample_weights(self, bound: BoundData, train_idx: np.ndarray) -> np.ndarray | None:
         """Per training cell: 1 / (training cells of its condition), normalised (balanced sampling)."""
@@ -191,6 +191,11 @@ class TRVAE(SCVI):
     def get_feature_correlation_matrix(self, *args, **kwargs):
         self._require_counts("get_feature_correlation_matrix")
         return super().get_feature_correlation_matrix(*args, **kwargs)
+
+
+def several_conditions(bound: BoundData, idx: np.ndarray) -> bool:
+    """Whether the cells ``idx`` come from more than one condition (else the MMD is zero)."""
+    return len(np.unique(bound.source.obs["batch"][idx])) > 1
 
 
 class MMDObjective(Objective):

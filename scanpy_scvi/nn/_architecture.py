@@ -3,6 +3,7 @@ the ``pp`` function and the saved JSON."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,7 +16,29 @@ NORMS = ("encoder", "decoder", "both", "none")
 
 
 @dataclass(frozen=True)
-class VAEArchitecture(Settings):
+class NetworkSettings(Settings):
+    """Base of the architectures: the behaviour they share (their fields are their own)."""
+
+    @classmethod
+    def given(cls, architecture: Settings | None, settings: dict) -> Settings:
+        """``architecture``, or one built from its fields passed as keywords (not both)."""
+        if architecture is None:
+            return cls(**settings)
+        if settings:
+            msg = f"Pass the architecture or its settings {sorted(settings)}, not both."
+            raise TypeError(msg)
+        return architecture
+
+    def normalised(self, part: Literal["encoder", "decoder"]) -> dict[str, bool]:
+        """Which normalisation the hidden layers of ``part`` use, as ``FCLayers`` flags."""
+        return {
+            "use_batch_norm": self.use_batch_norm in (part, "both"),
+            "use_layer_norm": self.use_layer_norm in (part, "both"),
+        }
+
+
+@dataclass(frozen=True)
+class VAEArchitecture(NetworkSettings):
     """scVI / LDVAE architecture; defaults are the published (scvi-tools) ones."""
 
     n_hidden: int = setting(128, "Hidden units per layer (default 128).", check=positive_int)
@@ -73,13 +96,6 @@ class VAEArchitecture(Settings):
             object.__setattr__(self, "use_observed_lib_size", not self.linear_decoder)
         super().__post_init__()
 
-    def normalised(self, part: Literal["encoder", "decoder"]) -> dict[str, bool]:
-        """Which normalisation the hidden layers of ``part`` use, as ``FCLayers`` flags."""
-        return {
-            "use_batch_norm": self.use_batch_norm in (part, "both"),
-            "use_layer_norm": self.use_layer_norm in (part, "both"),
-        }
-
 
 @dataclass(frozen=True)
 class SCANVIArchitecture(VAEArchitecture):
@@ -103,7 +119,7 @@ class SCANVIArchitecture(VAEArchitecture):
 
 
 @dataclass(frozen=True)
-class TOTALVIArchitecture(Settings):
+class TOTALVIArchitecture(NetworkSettings):
     """totalVI (Gayoso et al. 2021) architecture; defaults are the published (scvi-tools ``TOTALVAE``) ones."""
 
     n_hidden: int = setting(
@@ -161,13 +177,6 @@ class TOTALVIArchitecture(Settings):
         choices=NORMS,
     )  # fmt: skip
 
-    def normalised(self, part: Literal["encoder", "decoder"]) -> dict[str, bool]:
-        """Which normalisation the hidden layers of ``part`` use, as ``FCLayers`` flags."""
-        return {
-            "use_batch_norm": self.use_batch_norm in (part, "both"),
-            "use_layer_norm": self.use_layer_norm in (part, "both"),
-        }
-
 
 def _layer_sizes(name: str, value) -> None:
     if not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
@@ -182,7 +191,7 @@ def _boundary(name: str, value) -> None:
 
 
 @dataclass(frozen=True)
-class TRVAEArchitecture(Settings):
+class TRVAEArchitecture(NetworkSettings):
     """trVAE (Lotfollahi et al. 2020) architecture and MMD penalty; defaults are scArches' ``TRVAE`` ones."""
 
     hidden_layer_sizes: tuple[int, ...] = setting(
@@ -231,13 +240,6 @@ class TRVAEArchitecture(Settings):
             msg = f"beta must be a number >= 0, got {self.beta!r}."
             raise ValueError(msg)
 
-    def normalised(self, part: Literal["encoder", "decoder"]) -> dict[str, bool]:
-        """Which normalisation the hidden layers of ``part`` use (batch norm wins where both are set)."""
-        return {
-            "use_batch_norm": self.use_batch_norm in (part, "both"),
-            "use_layer_norm": self.use_layer_norm in (part, "both"),
-        }
-
 
 def _optional_layer_sizes(name: str, value) -> None:
     if value is not None:
@@ -272,12 +274,19 @@ class SCPOLIArchitecture(TRVAEArchitecture):
         "both", "Where the condition embeddings enter: ``'both'`` (default), ``'encoder'`` or ``'decoder'``.",
         choices=("both", "encoder", "decoder"),
     )  # fmt: skip
+
     n_unlabeled_prototypes: int | None = setting(
         None,
         "Prototypes of the unlabelled cells (k-means centroids in the latent space). Default: twice the number "
         "of cell types; recorded as built.",
         check=lambda name, value: value is None or positive_int(name, value),
     )
+
+    def for_genes(self, n_genes: int) -> SCPOLIArchitecture:
+        """With the default hidden layer resolved for ``n_genes`` genes: ceil(sqrt(n_genes)) units."""
+        if self.hidden_layer_sizes is not None:
+            return self
+        return self.replace(hidden_layer_sizes=(math.ceil(math.sqrt(n_genes)),))
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,6 @@ replace trVAE's one-hot columns. Prototypes are buffers: one latent point per kn
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +21,6 @@ class EmbeddingVAE(ConditionalVAE):
     """scPoli's module: :class:`ConditionalVAE` with condition embeddings and prototypes."""
 
     architecture_class = SCPOLIArchitecture
-    expression_inputs = ConditionalVAE.expression_inputs
     #: parameters without weight decay (scArches trains the embeddings without it)
     no_weight_decay = ("embeddings.",)
 
@@ -42,9 +39,7 @@ class EmbeddingVAE(ConditionalVAE):
         architecture: SCPOLIArchitecture | None = None,
         **settings,
     ):
-        a = architecture if architecture is not None else SCPOLIArchitecture(**settings)
-        if a.hidden_layer_sizes is None:
-            a = a.replace(hidden_layer_sizes=(math.ceil(math.sqrt(n_input)),))  # scArches' default
+        a = self.architecture_class.given(architecture, settings).for_genes(n_input)
         self._n_tables = (n_batch, *tuple(n_cats_per_cov))
         super().__init__(n_input, n_batch=n_batch, n_labels=n_labels, n_cats_per_cov=n_cats_per_cov,
                          n_continuous_cov=n_continuous_cov, use_size_factor=use_size_factor, architecture=a)  # fmt: skip

@@ -96,11 +96,7 @@ class TOTALVAE(nn.Module):
     ):
         """``n_input`` genes, ``n_proteins`` proteins and the data's category counts."""
         super().__init__()
-        if architecture is None:
-            architecture = self.architecture_class(**settings)
-        elif settings:
-            msg = f"Pass the architecture or its settings {sorted(settings)}, not both."
-            raise TypeError(msg)
+        architecture = self.architecture_class.given(architecture, settings)
         if n_proteins < 1:
             msg = f"totalVI needs at least one protein, got n_proteins={n_proteins}."
             raise ValueError(msg)

@@ -116,11 +116,7 @@ class ConditionalVAE(nn.Module):
         **settings,
     ):
         super().__init__()
-        if architecture is None:
-            architecture = self.architecture_class(**settings)
-        elif settings:
-            msg = f"Pass the architecture or its settings {sorted(settings)}, not both."
-            raise TypeError(msg)
+        architecture = self.architecture_class.given(architecture, settings)
         self.architecture = a = architecture
         self.n_input, self.n_batch, self.n_labels, self.n_latent = n_input, n_batch, n_labels, a.n_latent
         self.n_cats_per_cov = tuple(n_cats_per_cov)

@@ -70,11 +70,7 @@ class VAE(nn.Module):
         """``n_input`` genes and the data's category counts; the architecture as a
         :class:`VAEArchitecture`, or its fields as keywords."""
         super().__init__()
-        if architecture is None:
-            architecture = self.architecture_class(**settings)
-        elif settings:
-            msg = f"Pass the architecture or its settings {sorted(settings)}, not both."
-            raise TypeError(msg)
+        architecture = self.architecture_class.given(architecture, settings)
         self.architecture = a = architecture
         self.n_input, self.n_batch, self.n_labels, self.n_latent = n_input, n_batch, n_labels, a.n_latent
         self.n_hidden, self.n_layers, self.dropout_rate = a.n_hidden, a.n_layers, a.dropout_rate
