@@ -9,7 +9,7 @@ from .._compat import logg
 from .._settings import keyword_settings, split_settings
 from ..data import SetupArguments
 from ..nn import EXPIMAPArchitecture
-from ._run import Run, RunArguments, check_key_added
+from ._run import Run, RunArguments, check_key_added, setup_params
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -99,8 +99,7 @@ def expimap(
         latent = model.get_latent_representation(only_active=only_active)
     adata.obsm[key_added] = latent
     table = model.programs()
-    setup = {**SetupArguments(**setup_args).to_dict(), "batch_key": model.setup.batch_key,
-             "check_counts": model.setup.check_counts}  # fmt: skip
+    setup = setup_params(setup_args, model)
     params = {
         "mask_key": mask_key, "terms_key": terms_key, "alpha": alpha, "alpha_l1": alpha_l1, "only_active": only_active,
         "max_epochs": model.train_config["max_epochs"], "lr": lr, "train_size": train_size, "batch_size": batch_size,

@@ -112,6 +112,14 @@ class Run:
         return model if self.return_model else None
 
 
+def setup_params(setup_args: dict[str, Any], model, resolved: Sequence[str] = ("batch_key", "check_counts")) -> dict:
+    """The data arguments for ``uns[key]['params']``: as given, except those the model resolved
+    itself (``condition_key`` -> ``batch_key``, no integer check for ``'mse'``, ...), as resolved."""
+    from ..data import SetupArguments
+
+    return {**SetupArguments(**setup_args).to_dict(), **{k: getattr(model.setup, k) for k in resolved}}
+
+
 def check_key_added(key_added: Any) -> str:
     """``key_added`` checked; returns the ``uns`` key (``key_added`` without ``'X_'``)."""
     if not isinstance(key_added, str) or not key_added:

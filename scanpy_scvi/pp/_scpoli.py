@@ -12,7 +12,7 @@ from .._compat import logg
 from .._settings import keyword_settings, split_settings
 from ..data import SetupArguments
 from ..nn import SCPOLIArchitecture, to_numpy
-from ._run import Run, RunArguments, check_key_added
+from ._run import Run, RunArguments, check_key_added, setup_params
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -124,9 +124,7 @@ def scpoli(
         adata.obs[f"{ct_key}_scpoli_pred"] = calls["pred"].array
         adata.obs[f"{ct_key}_scpoli_uncertainty"] = calls["uncertainty"].to_numpy(np.float32)
         written.append(f"'{ct_key}_scpoli_pred', '{ct_key}_scpoli_uncertainty' (adata.obs)")
-    setup = {**SetupArguments(**setup_args).to_dict(), "batch_key": model.setup.batch_key,
-             "categorical_covariate_keys": model.setup.categorical_covariate_keys,
-             "check_counts": model.setup.check_counts}  # fmt: skip
+    setup = setup_params(setup_args, model, ("batch_key", "categorical_covariate_keys", "check_counts"))
     params = {
         "condition_keys": [model.setup.batch_key, *model.setup.categorical_covariate_keys], "cell_type_keys": ct_key,
         "unknown_ct_names": list(unknown_ct_names or []), "labeled_cells": int(model.labeled_mask.sum())

@@ -9,7 +9,7 @@ from .._compat import logg
 from .._settings import keyword_settings, split_settings
 from ..data import SetupArguments
 from ..nn import TRVAEArchitecture
-from ._run import Run, RunArguments, check_key_added
+from ._run import Run, RunArguments, check_key_added, setup_params
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -96,11 +96,7 @@ def trvae(
     with model.seeded(run.random_state):
         latent = model.get_latent_representation()
     adata.obsm[key_added] = latent
-    setup = {
-        **SetupArguments(**setup_args).to_dict(),
-        "batch_key": model.setup.batch_key,
-        "check_counts": model.setup.check_counts,
-    }
+    setup = setup_params(setup_args, model)
     params = {
         "max_epochs": model.train_config["max_epochs"], "lr": lr, "train_size": train_size, "batch_size": batch_size,
         "early_stopping": early_stopping, "weight_decay": weight_decay, "n_epochs_kl_warmup": n_epochs_kl_warmup,
