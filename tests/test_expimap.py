@@ -129,11 +129,14 @@ def test_map_query_keeps_the_reference_bit_identical():
     assert query.obsm["X_expimap"].shape == (query.n_obs, 4)
 
 
-@pytest.mark.skipif(not (SHARED / "kang2018_ifnb_pbmc_2k.h5ad").is_file(), reason="real data not in ../shared")
-def test_interferon_programs_top_the_stimulated_cells():
-    """The published demonstration on our data: a PBMC reference without the Kang study, hallmark
-    programs; the Kang study mapped as one query study; in STIM vs CTRL enrichment an interferon
-    program ranks first, far ahead of every other program."""
+needs_real_data = pytest.mark.skipif(
+    not (SHARED / "kang2018_ifnb_pbmc_2k.h5ad").is_file(), reason="real data not in ../shared"
+)
+
+
+def _kang_onto_pbmc(leave_out=()):
+    """A PBMC reference without the Kang study, with the hallmark programs (but ``leave_out``),
+    and the Kang study (CTRL and STIM) as one query study."""
     reference = ad.read_h5ad(SHARED / "pbmc_multistudy_5batch_14989cells_2003genes.h5ad")
     reference = reference[~reference.obs["batch"].astype(str).str.startswith("kang")].copy()
     query = ad.read_h5ad(SHARED / "kang2018_ifnb_pbmc_2k.h5ad")
@@ -142,9 +145,19 @@ def test_interferon_programs_top_the_stimulated_cells():
     reference.obs["study"] = reference.obs["batch"].astype(str)
     query.obs["study"] = "kang2018"
     query.obs["condition"] = query.obs["batch"].astype(str)
-    ss.tl.add_gene_programs(reference, SHARED / "msigdb_h.all.v7.0.symbols.gmt", min_genes=12, clean=True)
+    hallmark = {k: v for k, v in ss.tl.read_gmt(SHARED / "msigdb_h.all.v7.0.symbols.gmt").items() if k not in leave_out}
+    ss.tl.add_gene_programs(reference, hallmark, min_genes=12, clean=True)
     model = ss.pp.expimap(reference, condition_key="study", use_highly_variable_genes=False, max_epochs=30,
                           return_model=True, progress_bar=False)  # fmt: skip
+    return model, query
+
+
+@needs_real_data
+def test_interferon_programs_top_the_stimulated_cells():
+    """The published demonstration on our data: a PBMC reference without the Kang study, hallmark
+    programs; the Kang study mapped as one query study; in STIM vs CTRL enrichment an interferon
+    program ranks first, far ahead of every other program."""
+    model, query = _kang_onto_pbmc()
     ss.tl.map_query(query, model, batch_key="study", max_epochs=20, progress_bar=False)
     result = ss.tl.gene_program_enrichment(query, groupby="condition", comparison="CTRL")  # the query model in uns
     stim = result[result["group"] == "STIM"]
@@ -152,6 +165,21 @@ def test_interferon_programs_top_the_stimulated_cells():
     assert stim["bf"].iloc[0] > 2.0 and stim["bf"].iloc[0] - stim["bf"].iloc[1] > 1.5
     ranked = query.uns["expimap_enrichment"]
     assert ranked["names"]["STIM"][0] == "INTERFERON_ALPHA_RESPONSE"  # rank_genes_groups layout
+
+
+@needs_real_data
+def test_a_program_new_to_the_reference_is_learned_from_the_query():
+    """The reference lacks the interferon programs; the query brings the hallmark interferon alpha
+    response as a new program, which alone learns from the query: it tops STIM vs CTRL."""
+    ifn = ("HALLMARK_INTERFERON_ALPHA_RESPONSE", "HALLMARK_INTERFERON_GAMMA_RESPONSE")
+    model, query = _kang_onto_pbmc(leave_out=ifn)
+    assert not any("INTERFERON" in name for name in model.setup.program_names)
+    new = {"NEW_IFN_ALPHA": ss.tl.read_gmt(SHARED / "msigdb_h.all.v7.0.symbols.gmt")[ifn[0]]}
+    ss.tl.map_query(query, model, batch_key="study", new_programs=new, max_epochs=20, progress_bar=False)
+    result = ss.tl.gene_program_enrichment(query, groupby="condition", comparison="CTRL")
+    stim = result[result["group"] == "STIM"]
+    assert stim["program"].iloc[0] == "NEW_IFN_ALPHA", list(stim["program"][:5])
+    assert stim["bf"].iloc[0] > 2.0 and stim["bf"].iloc[0] - stim["bf"].iloc[1] > 1.0
 
 
 def test_hsic_is_larger_for_dependent_sets():
@@ -182,6 +210,74 @@ def test_a_query_can_add_extension_programs():
     trvae.train(1, progress_bar=False)
     with pytest.raises(ValueError, match="n_ext"):
         ss.tl.map_query(query.copy(), trvae, n_ext=1, max_epochs=0)
+
+
+def test_a_query_can_add_constrained_programs(tmp_path):
+    """scArches' new_n_ext_m with new_ext_mask: new programs with their own gene sets, learned from
+    the query after the reference's programs, out-of-set weights exactly zero."""
+    data = make_adata(n_obs=300, n_batches=3)
+    ss.tl.add_gene_programs(data, _programs(data), min_genes=12)
+    is_query = (data.obs["batch"] == "batch_2").to_numpy()
+    ref, query = data[~is_query].copy(), data[is_query].copy()
+    ref.obs["batch"] = ref.obs["batch"].cat.remove_unused_categories()
+    model = ss.EXPIMAP(ref, batch_key="batch", **SMALL)
+    model.train(max_epochs=5, progress_bar=False)
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    genes = list(data.var_names)
+    new = {"NEW_A": [g.lower() for g in genes[:15]] + ["NOT_A_GENE"], "NEW_B": genes[20:40]}
+    qm = ss.tl.map_query(query, model, new_programs=new, n_ext=1, max_epochs=5, progress_bar=False)
+    assert query.obsm["X_expimap"].shape == (query.n_obs, 4 + 2 + 1)
+    table = qm.programs()
+    assert list(table.index[4:]) == ["NEW_A", "NEW_B", "extension_0"]
+    assert table.loc["NEW_A", "n_genes"] == 15 and table.loc["NEW_B", "n_genes"] == 20
+    after = qm.module.state_dict()
+    assert grown_columns_only(before, after) == ["decoder.condition.weight", "encoder.condition.weight", "log_theta"]
+    assert {k for k in after if k not in before} == {
+        "decoder.masked_extension", "decoder.ext_mask", "decoder.extension", "ext_mean.weight", "ext_mean.bias",
+        "ext_log_var.weight", "ext_log_var.bias",
+    }  # fmt: skip
+    w = qm.module.decoder.all_weights().detach()
+    assert torch.all(w[40:, 4:6] == 0) and torch.all(w[15:20, 4] == 0) and torch.all(w[:20, 5] == 0)
+    assert torch.all(w[:15, 4] != 0) and qm.module.decoder.masked_extension.requires_grad
+    assert set(qm.term_genes("NEW_A")["genes"]) == set(genes[:15])
+    qm.save(tmp_path / "q")
+    loaded = ss.EXPIMAP.load(tmp_path / "q", adata=query)
+    assert loaded.programs().equals(table)
+    np.testing.assert_array_equal(loaded.get_latent_representation(), query.obsm["X_expimap"])
+
+
+def test_bad_new_programs_raise_and_leave_the_query_unchanged():
+    data = make_adata(n_obs=200, n_batches=2)
+    ss.tl.add_gene_programs(data, _programs(data), min_genes=12)
+    ref, query = data[data.obs["batch"] == "batch_0"].copy(), data[data.obs["batch"] == "batch_1"].copy()
+    ref.obs["batch"] = ref.obs["batch"].cat.remove_unused_categories()
+    model = ss.EXPIMAP(ref, batch_key="batch", **SMALL)
+    model.train(max_epochs=1, progress_bar=False)
+    snap = snapshot(query)
+    for programs, match in (
+        ({"NEW": ["NOPE1", "NOPE2"]}, "no gene among"),
+        ({"HALLMARK_P0": list(data.var_names[:5])}, "already programs"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ss.tl.map_query(query, model, new_programs=programs, max_epochs=0)
+        assert_unchanged(query, snap)
+    with pytest.raises(ValueError, match="new_programs_soft_mask"):
+        ss.tl.map_query(query, model, new_programs_soft_mask=True, max_epochs=0)
+    trvae = ss.TRVAE(ref, batch_key="batch", n_latent=2)
+    trvae.train(1, progress_bar=False)
+    with pytest.raises(ValueError, match="new_programs: not an option for a trVAE"):
+        ss.tl.map_query(query, trvae, new_programs={"NEW": list(data.var_names[:5])}, max_epochs=0)
+    assert_unchanged(query, snap)
+
+
+def test_soft_masked_new_programs_get_the_l1_step_out_of_their_mask():
+    m = ProgramVAE(3, n_latent=1, n_ext_masked=1, soft_ext_mask=True, **SMALL)
+    w = torch.tensor([[2.0], [0.5], [-0.1]])
+    with torch.no_grad():
+        m.decoder.masked_extension.copy_(w)
+    m.decoder.ext_mask.copy_(torch.tensor([[1.0], [0.0], [0.0]]))
+    m.proximal_step(group_threshold=0.0, l1_threshold=0.2)
+    assert torch.allclose(m.decoder.masked_extension, torch.tensor([[2.0], [0.3], [0.0]]))
 
 
 def test_differential_expression_works_on_programs_model(fitted):

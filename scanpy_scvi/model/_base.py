@@ -255,13 +255,20 @@ class BaseModel:
         replacement; ``None`` (default): every training cell once per epoch."""
         return None
 
-    def query_architecture(self, **changes) -> Settings:
-        """The architecture of a query model mapped onto this one (default: the same, with ``changes``)."""
-        return self.architecture.replace(**changes)
+    def query_changes(self, query: AnnData, **options) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(data setup, architecture) changes of a query model that surgery maps onto this one,
+        from the model-specific ``options`` of ``tl.map_query`` (none here). Query cells are
+        unlabelled: the label codes are dropped unless a dispersion per label needs them."""
+        if options:
+            msg = f"{', '.join(options)}: not an option for a {self.name} reference."
+            raise ValueError(msg)
+        per_label = any(str(v).endswith("-label") for v in self.architecture.to_dict().values())
+        unlabelled = self.setup.unlabeled_category is not None or not per_label
+        return ({"labels_key": None} if unlabelled else {}), {}
 
-    def adopt_query_labels(self, query: AnnData, labeled_indices, *, n_reference_labels: int) -> None:
-        """Called on a query model built by surgery: which query cells count as labelled (scPoli;
-        other models have no labelled query cells)."""
+    def adopt_query(self, query: AnnData, reference: BaseModel, **options) -> None:
+        """Called on a query model built by surgery, once the reference's weights are in, with the
+        options :meth:`query_changes` took (nothing to do here)."""
 
     def default_max_epochs(self, n_obs: int) -> int:
         """scvi-tools' heuristic: 400 epochs up to 20k cells, fewer above."""
@@ -409,17 +416,6 @@ class BaseModel:
         return {"reconstruction_loss": s.recon / s.n}
 
     # -- quality scores of the latent space (the original scVI Posterior API) --------------------
-    def _obs_labels(self, adata, idx, labels_key: str | None) -> np.ndarray:
-        key = labels_key or self.setup.labels_key
-        if key is None:
-            msg = "Pass labels_key= (an obs column of cell labels); the model was built without one."
-            raise ValueError(msg)
-        data = adata if adata is not None else self.adata
-        if key not in data.obs.columns:
-            msg = f"{key!r} not found in adata.obs."
-            raise KeyError(msg)
-        return data.obs[key].astype(str).to_numpy()[idx]
-
     def entropy_batch_mixing(
         self,
         adata: AnnData | None = None,
@@ -449,10 +445,10 @@ class BaseModel:
     ) -> float:
         """Fraction of each cell's latent-space neighbours with the same label (``labels_key``,
         default the model's), averaged within each label and then over labels; 1 is pure."""
-        from ._metrics import knn_purity
+        from ._metrics import cell_labels, knn_purity
 
         bound, idx = self.select(adata, indices)
-        labels = self._obs_labels(adata, idx, labels_key)
+        labels = cell_labels(adata if adata is not None else self.adata, idx, labels_key or self.setup.labels_key)
         return knn_purity(self.latent(bound, idx), labels, n_neighbors=n_neighbors)
 
     def clustering_scores(
@@ -460,10 +456,10 @@ class BaseModel:
     ) -> dict[str, float]:
         """k-means on the latent (as many clusters as labels): ``ari`` and ``nmi`` against the
         labels, and the ``silhouette`` of the labels in the latent space."""
-        from ._metrics import clustering_scores
+        from ._metrics import cell_labels, clustering_scores
 
         bound, idx = self.select(adata, indices)
-        labels = self._obs_labels(adata, idx, labels_key)
+        labels = cell_labels(adata if adata is not None else self.adata, idx, labels_key or self.setup.labels_key)
         return clustering_scores(self.latent(bound, idx), labels, random_state=random_state)
 
     # -- persistence -------------------------------------------------------------------------------

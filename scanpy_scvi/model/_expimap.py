@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from .._settings import keyword_settings, split_settings
-from ..data import BoundData, DataSetup, SetupArguments
+from ..data import BoundData, DataSetup, Programs, SetupArguments, gene_sets, program_rows
 from ..nn import EXPIMAPArchitecture, ProgramVAE, hsic, to_numpy
 from ..train import Terms, TrainContext
 from ._trvae import TRVAE, MMDObjective, resolve_condition_key
@@ -19,6 +19,8 @@ from ._trvae import TRVAE, MMDObjective, resolve_condition_key
 if TYPE_CHECKING:
     from anndata import AnnData
     from torch import nn
+
+    from ._base import BaseModel
 
 
 @keyword_settings(SetupArguments, EXPIMAPArchitecture)
@@ -68,6 +70,12 @@ class EXPIMAP(TRVAE):
         setup_args["batch_key"] = resolve_condition_key(condition_key, setup_args.get("batch_key"))
         mask, names = read_mask(adata, mask_key, terms_key, genes)
         architecture = EXPIMAPArchitecture(**architecture).replace(n_latent=mask.shape[1])
+        if architecture.n_ext_masked:
+            msg = (
+                "n_ext_masked counts constrained programs a query adds (`tl.map_query(..., new_programs=)`); "
+                "a reference takes all its programs from the mask."
+            )
+            raise ValueError(msg)
         if architecture.gene_likelihood == "mse":
             setup_args["check_counts"] = False
         setup = DataSetup.from_adata(adata, genes=genes, **setup_args)
@@ -128,9 +136,10 @@ class EXPIMAP(TRVAE):
             if value is not None and not value >= 0:
                 msg = f"{name} must be None or >= 0, got {value}."
                 raise ValueError(msg)
-        if alpha_l1 and not self.architecture.soft_mask:
+        if alpha_l1 and not (self.architecture.soft_mask or self.architecture.soft_ext_mask):
             msg = (
-                "alpha_l1 acts on out-of-mask weights, which only a soft mask has: build the model with soft_mask=True."
+                "alpha_l1 acts on out-of-mask weights, which only a soft mask has: build the model with soft_mask=True "
+                "(or map a query with new_programs_soft_mask=True)."
             )
             raise ValueError(msg)
         epochs = max_epochs if max_epochs is not None else self.default_max_epochs(self.bind().n_obs)
@@ -144,9 +153,56 @@ class EXPIMAP(TRVAE):
         hsic_weight = self.hsic_weight if self.architecture.use_hsic and self.architecture.n_ext else 0.0
         return ProximalObjective(self.alpha or 0.0, self.alpha_l1 or 0.0, self.gamma_ext or 0.0, hsic_weight)
 
-    def query_architecture(self, **changes) -> EXPIMAPArchitecture:
-        """trVAE's (no dropout), with ``n_ext`` extension programs when asked (scArches' ``new_n_ext``)."""
-        return super().query_architecture(**changes)
+    def query_changes(
+        self,
+        query: AnnData,
+        *,
+        n_ext: int = 0,
+        new_programs: Programs | None = None,
+        new_programs_soft_mask: bool = False,
+        **options,
+    ) -> tuple[dict, dict]:
+        """trVAE's (no dropout), with ``n_ext`` unconstrained extension programs (scArches'
+        ``new_n_ext``) and the constrained ones of ``new_programs`` (scArches' ``new_n_ext_m``
+        with ``new_ext_mask``) when asked."""
+        setup, architecture = super().query_changes(query, **options)
+        if (n_ext or new_programs is not None) and (self.architecture.n_ext or self.architecture.n_ext_masked):
+            msg = (
+                "This expiMap model already has extension programs; n_ext and new_programs add them to a "
+                "reference without any."
+            )
+            raise ValueError(msg)
+        if n_ext:
+            architecture["n_ext"] = int(n_ext)
+        if new_programs is not None:
+            _, names = self.new_program_mask(new_programs)
+            clash = sorted(set(names) & set(self.setup.program_names))
+            if clash:
+                msg = f"new_programs {clash[:5]} are already programs of the model; give new programs new names."
+                raise ValueError(msg)
+            setup["program_names"] = [*self.setup.program_names, *names]
+            architecture.update(n_ext_masked=len(names), soft_ext_mask=bool(new_programs_soft_mask))
+        return setup, architecture
+
+    def adopt_query(self, query: AnnData, reference: BaseModel, *, new_programs=None, **options) -> None:
+        """Install the constrained extension programs' mask."""
+        super().adopt_query(query, reference, **options)
+        if new_programs is not None:
+            mask, _ = self.new_program_mask(new_programs)
+            self.module.set_ext_mask(torch.as_tensor(mask))
+
+    def new_program_mask(self, programs: Programs) -> tuple[np.ndarray, list[str]]:
+        """The (model genes, programs) 0/1 mask and the names of new programs, every one checked
+        to have genes of the model."""
+        rows = program_rows(self.setup.genes, gene_sets(programs))
+        empty = [name for name, r in rows.items() if not len(r)]
+        if empty:
+            msg = f"new_programs {empty[:5]} have no gene among the model's {len(self.setup.genes)} genes."
+            raise ValueError(msg)
+        mask = np.zeros((len(self.setup.genes), len(rows)), dtype=np.float32)
+        for k, r in enumerate(rows.values()):
+            mask[r, k] = 1.0
+        return mask, list(rows)
 
     # -- programs ----------------------------------------------------------------------------------
     def programs(self) -> pd.DataFrame:
@@ -155,7 +211,7 @@ class EXPIMAP(TRVAE):
         expression; scArches' ``latent_directions``), ``n_genes`` (in the mask)."""
         w = to_numpy(self.module.decoder.all_weights())
         n_ext = self.architecture.n_ext
-        in_mask = to_numpy(self.module.decoder.mask.sum(0)).astype(int)
+        in_mask = to_numpy(self.module.decoder.masks().sum(0)).astype(int)
         return pd.DataFrame(
             {
                 "active": to_numpy(self.module.active_programs()).astype(bool),
@@ -166,7 +222,8 @@ class EXPIMAP(TRVAE):
         )
 
     def program_names(self) -> list[str]:
-        """The latent units' names: the programs, then ``extension_0``, ... (``n_ext``)."""
+        """The latent units' names: the programs (the reference's, then a query's ``new_programs``),
+        then ``extension_0``, ... (``n_ext``)."""
         return [*self.setup.program_names, *(f"extension_{i}" for i in range(self.architecture.n_ext))]
 
     def term_genes(self, program: str | int) -> pd.DataFrame:
@@ -178,8 +235,8 @@ class EXPIMAP(TRVAE):
         order = order[np.abs(w[order]) > 0]
         mask = (
             np.zeros(len(w), dtype=bool)
-            if k >= self.module.n_programs
-            else to_numpy(self.module.decoder.mask[:, k]) > 0
+            if k >= self.module.n_annotated
+            else to_numpy(self.module.decoder.masks()[:, k]) > 0
         )
         return pd.DataFrame({"genes": np.asarray(self.setup.genes)[order], "weights": w[order], "in_mask": mask[order]})
 
@@ -245,7 +302,7 @@ class ProximalObjective(MMDObjective):
         out = module.loss(batch, kl_weight=kl_weight, with_mmd=False)
         terms = self.terms(out)
         if self.hsic_weight:  # extension programs independent of the annotated ones (scArches' HSIC)
-            k = module.n_programs
+            k = module.n_annotated
             penalty = hsic(out["z"][:, :k], out["z"][:, k:])
             terms.loss = terms.loss + self.hsic_weight * penalty
             n = terms.reconstruction.shape[0]

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+
+def cell_labels(adata: AnnData, idx: np.ndarray, key: str | None) -> np.ndarray:
+    """The labels (as strings) of cells ``idx`` in ``adata.obs[key]``, checked."""
+    if key is None:
+        msg = "Pass labels_key= (an obs column of cell labels); the model was built without one."
+        raise ValueError(msg)
+    if key not in adata.obs.columns:
+        msg = f"{key!r} not found in adata.obs."
+        raise KeyError(msg)
+    return adata.obs[key].astype(str).to_numpy()[idx]
 
 
 def _knn(latent: np.ndarray, n_neighbors: int) -> np.ndarray:

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from torch import nn
 
+    from ._base import BaseModel
+
 
 @keyword_settings(SetupArguments, SCPOLIArchitecture)
 class SCPOLI(TRVAE):
@@ -120,11 +122,19 @@ class SCPOLI(TRVAE):
             raise ValueError(msg)
         return sorted({str(v) for v in values} - set(self.setup.label_categories))
 
-    def adopt_query_labels(self, query: AnnData, labeled_indices, *, n_reference_labels: int) -> None:
+    def query_changes(self, query: AnnData, *, labeled_indices=None, **options) -> tuple[dict, dict]:
+        """trVAE's; the cell types of the labelled query cells (``labeled_indices``) that this
+        reference lacks are added as new prototypes."""
+        _, architecture = super().query_changes(query, **options)
+        return {
+            "label_categories": self.setup.label_categories + self.new_cell_types(query, labeled_indices)
+        }, architecture
+
+    def adopt_query(self, query: AnnData, reference: BaseModel, *, labeled_indices=None, **options) -> None:
         """Query cells are unlabelled unless in ``labeled_indices``; the reference's prototypes stay."""
         mask = labelled_mask(query, labeled_indices)
         self.labeled_mask = np.zeros(query.n_obs, dtype=bool) if mask is None else mask
-        self.n_reference_prototypes = n_reference_labels
+        self.n_reference_prototypes = reference.setup.n_labels
         self._mask_unlabelled()
 
     def __repr__(self) -> str:

@@ -35,17 +35,15 @@ def query_model(
     max_missing_genes: float = 0.2,
     freeze_expression: bool = True,
     freeze_batchnorm_decoder: bool = False,
-    labeled_indices=None,
-    n_ext: int = 0,
     random_state: int | None = 0,
+    **options,
 ) -> tuple[SCVI, list[str]]:
     """Build the query model for ``query`` (checked, not modified) on top of ``reference``.
 
     Returns the model, ready for :meth:`SCVI.train`, and the reference categories that are
-    new (one list per categorical block, flattened as ``'key=value'``). ``labeled_indices``
-    (scPoli): query cells whose labels the query model uses; their cell types the reference
-    does not know become new prototypes. ``n_ext`` (expiMap): extension programs the query
-    model adds and learns.
+    new (one list per categorical block, flattened as ``'key=value'``). ``options`` are the
+    reference model's own query options (:meth:`~scanpy_scvi.model.BaseModel.query_changes`:
+    scPoli's ``labeled_indices``, expiMap's ``n_ext`` and ``new_programs``).
     """
     ref_setup = reference.setup
     if ref_setup.batch_key is None:
@@ -63,15 +61,7 @@ def query_model(
             ref_setup.categorical_covariate_keys, ref_setup.categorical_covariate_categories, strict=True
         )
     ]
-    labels = {}
-    per_label = any(str(v).endswith("-label") for v in reference.architecture.to_dict().values())  # a dispersion
-    if ref_setup.unknown_labels_unlabelled:  # scPoli: labelled query cells may bring new cell types
-        labels = {"label_categories": ref_setup.label_categories + reference.new_cell_types(query, labeled_indices)}
-    elif labeled_indices is not None:
-        msg = f"labeled_indices is for a scPoli reference; this reference is {type(reference).__name__}."
-        raise ValueError(msg)
-    elif ref_setup.unlabeled_category is not None or not per_label:
-        labels = {"labels_key": None}  # query cells are unlabelled; the label codes are not used otherwise
+    setup_changes, architecture_changes = reference.query_changes(query, **options)
     setup = dataclasses.replace(
         ref_setup,
         batch_key=batch_key,
@@ -81,27 +71,21 @@ def query_model(
         ],
         max_missing_genes=float(max_missing_genes),
         allow_missing_proteins=bool(ref_setup.protein_names),  # a smaller panel, or RNA only
-        **labels,
+        **setup_changes,
     )
-    changes = {}
-    if n_ext:
-        if "n_ext" not in reference.architecture.names() or reference.architecture.n_ext:
-            msg = "n_ext adds extension programs to an expiMap reference that has none."
-            raise ValueError(msg)
-        changes["n_ext"] = int(n_ext)
     model = type(reference)._assembled(
         setup,
-        reference.query_architecture(**changes),
+        reference.architecture.replace(**architecture_changes),
         adata=query,
         random_state=random_state,
         initialised_from="reference",
     )
-    model.adopt_query_labels(query, labeled_indices, n_reference_labels=ref_setup.n_labels)
     old_sizes = (ref_setup.n_batch, *ref_setup.n_cats_per_cov)
     new_sizes = (setup.n_batch, *setup.n_cats_per_cov)
     masks = _transfer(reference.module, model.module, old_sizes, new_sizes)
     _freeze(model.module, masks, freeze_expression=freeze_expression, freeze_batchnorm_decoder=freeze_batchnorm_decoder)
     model.trainable_masks = masks
+    model.adopt_query(query, reference, **options)
     added = [f"{batch_key}={b}" for b in new_batches] + [
         f"{k}={v}" for k, vals in zip(ref_setup.categorical_covariate_keys, new_cov, strict=True) for v in vals
     ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -143,9 +143,10 @@ class TRVAE(SCVI):
         weights = 1.0 / np.bincount(condition)[condition]
         return weights / weights.sum()
 
-    def query_architecture(self, **changes) -> TRVAEArchitecture:
+    def query_changes(self, query: AnnData, **options) -> tuple[dict[str, Any], dict[str, Any]]:
         """A query model has no dropout (scArches' ``remove_dropout=True``)."""
-        return self.architecture.replace(dropout_rate=0.0, **changes)
+        setup, architecture = super().query_changes(query, **options)
+        return setup, {**architecture, "dropout_rate": 0.0}
 
     # -- outputs -----------------------------------------------------------------------------------
     def get_y(

@@ -316,6 +316,18 @@ class EXPIMAPArchitecture(TRVAEArchitecture):
         "from a query by ``tl.map_query(..., n_ext=)``; sparsified by ``gamma_ext`` in training.",
         check=lambda name, value: value == 0 or positive_int(name, value),
     )
+    n_ext_masked: int = setting(
+        0,
+        "Constrained extension programs: new annotated programs with their own gene mask, added after the "
+        "reference's programs by ``tl.map_query(..., new_programs=)`` (scArches' ``n_ext_m``).",
+        check=lambda name, value: value == 0 or positive_int(name, value),
+    )
+    soft_ext_mask: bool = setting(
+        False,
+        "Let genes outside a constrained extension program's mask enter its decoder column, kept sparse by the "
+        "L1 step of ``alpha_l1`` (scArches' ``soft_ext_mask``).",
+        choices=(True, False),
+    )
     use_hsic: bool = setting(
         False,
         "Penalise the dependence (HSIC) between the extension programs and the annotated ones, so that the "

@@ -3,14 +3,14 @@ enrichment of programs between groups of cells (``gene_program_enrichment``)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from .._compat import logg
+from ..data import Programs, gene_sets, program_rows
 from ._model import resolve_model
 
 if TYPE_CHECKING:
@@ -19,26 +19,9 @@ if TYPE_CHECKING:
     from ..model import EXPIMAP
 
 
-def read_gmt(path: str | os.PathLike) -> dict[str, list[str]]:
-    """Gene sets of a GMT file: one per line, ``name <tab> description <tab> gene <tab> gene ...``."""
-    sets: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            fields = line.rstrip("\r\n").split("\t")
-            if len(fields) == 1 and fields[0].strip():  # some files separate by spaces
-                fields = fields[0].split()
-            if not fields or not fields[0].strip():
-                continue
-            if len(fields) < 3:
-                msg = f"{path}, line {number}: a GMT line needs a name, a description and genes."
-                raise ValueError(msg)
-            sets[fields[0].strip()] = [g.strip() for g in fields[2:] if g.strip()]
-    return sets
-
-
 def add_gene_programs(
     adata: AnnData,
-    programs: str | os.PathLike | Mapping[str, Sequence[str]] | Sequence[str | os.PathLike],
+    programs: Programs,
     *,
     min_genes: int = 12,
     max_genes: int | None = None,
@@ -74,25 +57,10 @@ def add_gene_programs(
     ``None`` (or the copy). Writes ``adata.varm['I']`` (genes x programs, int32 0/1) and
     ``adata.uns['terms']`` (program names), and logs how many programs and genes were kept.
     """
-    sets: dict[str, list[str]] = {}
-    if isinstance(programs, Mapping):
-        sets = {str(k): [str(g) for g in v] for k, v in programs.items()}
-    else:
-        paths = [programs] if isinstance(programs, (str, os.PathLike)) else list(programs)
-        for path in paths:
-            sets.update(read_gmt(path))
-    if not sets:
-        msg = "No gene programs given (empty GMT file or dict)."
-        raise ValueError(msg)
+    sets = gene_sets(programs)
     adata = adata.copy() if copy else adata
-    names = pd.Index(adata.var_names.astype(str))
-    names = names.str.upper() if genes_use_upper else names
-    position = pd.Series(np.arange(len(names)), index=names)
-    position = position[~position.index.duplicated()]
     kept, columns = [], []
-    for name, genes in sets.items():
-        genes = [g.upper() for g in genes] if genes_use_upper else genes
-        rows = position.reindex(pd.Index(genes).unique()).dropna().to_numpy(dtype=np.int64)
+    for name, rows in program_rows(adata.var_names, sets, genes_use_upper=genes_use_upper).items():
         if len(rows) > min_genes and (max_genes is None or len(rows) < max_genes):
             kept.append(name.split("_", 1)[-1][:30] if clean else name)
             columns.append(rows)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .._compat import logg, warn
+from ..data import Programs
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
     from ..model import SCVI
 
 # the scArches tutorial trains a query this long; map_query defaults to a fifth of it
-DEFAULT_QUERY_EPOCHS = {"SCVI": 200, "SCANVI": 100, "TOTALVI": 200, "TRVAE": 200, "SCPOLI": 50}
+DEFAULT_QUERY_EPOCHS = {"SCVI": 200, "SCANVI": 100, "TOTALVI": 200, "TRVAE": 200, "SCPOLI": 50, "EXPIMAP": 200}
 
 
 def map_query(
@@ -37,6 +38,9 @@ def map_query(
     freeze_batchnorm_decoder: bool = False,
     labeled_indices=None,
     n_ext: int = 0,
+    new_programs: Programs | None = None,
+    new_programs_soft_mask: bool = False,
+    train_kwargs: dict[str, Any] | None = None,
     n_neighbors: int = 15,
     key_added: str | None = None,
     store_model: bool = True,
@@ -100,7 +104,19 @@ def map_query(
     n_ext
         expiMap reference: unconstrained extension programs the query model adds and learns, to
         capture what the reference's programs miss (scArches' ``new_n_ext``); they appear as
-        ``extension_0``, ... in its ``programs()``.
+        ``extension_0``, ... in its ``programs()``. Sparsify them with
+        ``train_kwargs={'gamma_ext': ...}``.
+    new_programs
+        expiMap reference: new annotated programs the query model adds and learns (scArches'
+        ``new_n_ext_m`` with ``new_ext_mask``): a GMT file, several, or a dict of program name ->
+        genes, matched to the reference's genes by symbol; each must have at least one of them.
+        They follow the reference's programs in ``programs()`` and the latent space.
+    new_programs_soft_mask
+        Let genes outside a new program's gene set enter it, kept sparse by an L1 step
+        (``train_kwargs={'alpha_l1': ...}``; scArches' ``new_soft_ext_mask``).
+    train_kwargs
+        Further arguments of the query model's ``train`` (e.g. expiMap's ``alpha``, ``alpha_l1``,
+        ``gamma_ext``, ``hsic_weight``; scVI's ``max_kl_weight``).
     n_neighbors
         Neighbours of the kNN label vote (scVI reference).
     key_added
@@ -157,6 +173,18 @@ def map_query(
     key_added = key_added or f"X_{type(ref_model).__name__.lower()}"
     uns_key = key_added.removeprefix("X_")
 
+    query_options: dict[str, Any] = {}  # the reference model's own options, passed on only when set
+    if labeled_indices is not None:
+        query_options["labeled_indices"] = labeled_indices
+    if n_ext:
+        query_options["n_ext"] = n_ext
+    if new_programs is not None:
+        query_options["new_programs"] = new_programs
+    if new_programs_soft_mask:
+        if new_programs is None:
+            msg = "new_programs_soft_mask applies to new_programs; none were given."
+            raise ValueError(msg)
+        query_options["new_programs_soft_mask"] = True
     missing = ref_model.setup.missing_genes(query)
     model, added = query_model(
         ref_model,
@@ -165,9 +193,8 @@ def map_query(
         max_missing_genes=max_missing_genes,
         freeze_expression=freeze_expression,
         freeze_batchnorm_decoder=freeze_batchnorm_decoder,
-        labeled_indices=labeled_indices,
-        n_ext=n_ext,
         random_state=random_state,
+        **query_options,
     )
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
@@ -196,6 +223,7 @@ def map_query(
             device=device,
             random_state=random_state,
             progress_bar=progress_bar,
+            **(train_kwargs or {}),
         )
     else:
         if not added:
@@ -250,7 +278,7 @@ def _resolve_reference(reference, reference_key: str | None) -> tuple[SCVI, AnnD
     if isinstance(reference, (str, os.PathLike)):
         return BaseModel.load(reference, device="cpu"), None
     if isinstance(reference, AnnData):
-        known = ("scanvi", "scpoli", "totalvi", "trvae", "scvi")
+        known = ("scanvi", "scpoli", "expimap", "totalvi", "trvae", "scvi")
         keys = [reference_key] if reference_key else [k for k in known if k in reference.uns]
         if not keys:
             msg = f"The reference AnnData carries no model (uns[{' / '.join(known)}]); pass `reference_key=`."
