@@ -270,6 +270,16 @@ def test_bad_new_programs_raise_and_leave_the_query_unchanged():
     assert_unchanged(query, snap)
 
 
+def test_map_query_finds_an_expimap_reference_in_an_anndata():
+    data = make_adata(n_obs=160, n_batches=2)
+    ss.tl.add_gene_programs(data, _programs(data), min_genes=12)
+    ref, query = data[data.obs["batch"] == "batch_0"].copy(), data[data.obs["batch"] == "batch_1"].copy()
+    ss.pp.expimap(ref, condition_key="batch", use_highly_variable_genes=False, max_epochs=2, progress_bar=False,
+                  **SMALL)  # fmt: skip
+    qm = ss.tl.map_query(query, ref, progress_bar=False)  # the model in ref.uns['expimap'], default epochs
+    assert qm.train_config["max_epochs"] == 40 and query.obsm["X_expimap"].shape == (query.n_obs, 4)
+
+
 def test_soft_masked_new_programs_get_the_l1_step_out_of_their_mask():
     m = ProgramVAE(3, n_latent=1, n_ext_masked=1, soft_ext_mask=True, **SMALL)
     w = torch.tensor([[2.0], [0.5], [-0.1]])
