@@ -5,9 +5,10 @@ For each dataset and seed, both systems train scVI with the same settings on the
 epochs, ZINB, defaults; the seed drives the split, initialisation and training of both) and
 are scored on all cells with :func:`scanpy_scvi.tl.integration_scores` (k-means NMI/ARI,
 label silhouette, batch silhouette, graph connectivity, bio / batch / total as scIB weighs
-them), plus the held-out ELBO. The report gives, per dataset and metric, each system's mean and
-standard deviation over seeds and the paired difference (ours - scvi-tools: mean, sd, paired
-t-test p, and in how many seeds ours was higher).
+them), plus the held-out ELBO and how much the latent follows sequencing depth (``depth_rho``:
+the largest |Spearman rho| of a latent dimension with log total counts). The report gives, per
+dataset and metric, each system's mean and standard deviation over seeds and the paired
+difference (ours - scvi-tools: mean, sd, paired t-test p, and in how many seeds ours was higher).
 
 Needs scvi-tools (the ``bench`` extra); it is only imported here, never by the package::
 
@@ -36,7 +37,7 @@ DATASETS = {
 }
 METRICS = (
     "heldout_elbo", "nmi_kmeans", "ari_kmeans", "silhouette_label", "silhouette_batch", "graph_connectivity", "bio",
-    "batch", "total",
+    "batch", "total", "depth_rho",
 )  # fmt: skip
 
 
@@ -93,10 +94,22 @@ def run_one(name, adata, genes, seed, args) -> dict:
         table = scanpy_scvi.tl.integration_scores(
             scored, batch_key="batch", label_key="cell_type", use_rep="X_latent", max_cells=None, random_state=seed
         )
-        out[system] = {"heldout_elbo": elbo, "train_seconds": seconds, **table.loc["X_latent"].to_dict()}
+        depth = depth_following(scored.obsm["X_latent"], adata[:, genes].X)
+        out[system] = {
+            "heldout_elbo": elbo, "train_seconds": seconds, **table.loc["X_latent"].to_dict(), "depth_rho": depth,
+        }  # fmt: skip
         print(f"  {name} seed {seed} {system}: ELBO {elbo:.2f}, NMI {out[system]['nmi_kmeans']:.3f}, "
               f"ARI {out[system]['ari_kmeans']:.3f}, total {out[system]['total']:.3f} ({seconds:.0f} s)", flush=True)  # fmt: skip
     return out
+
+
+def depth_following(latent: np.ndarray, counts) -> float:
+    """How much the latent space follows sequencing depth: the largest |Spearman rho| between a
+    latent dimension and the log total counts over the model genes (lower: less depth)."""
+    from scipy.stats import spearmanr
+
+    log_library = np.log(np.asarray(counts.sum(1)).ravel())
+    return float(max(abs(spearmanr(latent[:, d], log_library)[0]) for d in range(latent.shape[1])))
 
 
 def summarise(runs: list[dict]) -> dict:

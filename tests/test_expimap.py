@@ -113,14 +113,21 @@ def test_bad_input_raises_and_leaves_adata_unchanged():
     assert_unchanged(data, snap)
 
 
-def test_map_query_keeps_the_reference_bit_identical():
-    data = make_adata(n_obs=300, n_batches=3)
+def _reference_and_query(n_obs=300, n_batches=3, epochs=5):
+    """Toy data with four programs, an expiMap reference trained on all batches but the last, and
+    that last batch as the query."""
+    data = make_adata(n_obs=n_obs, n_batches=n_batches)
     ss.tl.add_gene_programs(data, _programs(data), min_genes=12)
-    is_query = (data.obs["batch"] == "batch_2").to_numpy()
+    is_query = (data.obs["batch"] == f"batch_{n_batches - 1}").to_numpy()
     ref, query = data[~is_query].copy(), data[is_query].copy()
     ref.obs["batch"] = ref.obs["batch"].cat.remove_unused_categories()
     model = ss.EXPIMAP(ref, batch_key="batch", **SMALL)
-    model.train(max_epochs=5, progress_bar=False)
+    model.train(max_epochs=epochs, progress_bar=False)
+    return data, ref, query, model
+
+
+def test_map_query_keeps_the_reference_bit_identical():
+    _data, _ref, query, model = _reference_and_query()
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     qm = ss.tl.map_query(query, model, max_epochs=5, progress_bar=False)
     after = qm.module.state_dict()
@@ -191,13 +198,7 @@ def test_hsic_is_larger_for_dependent_sets():
 
 
 def test_a_query_can_add_extension_programs():
-    data = make_adata(n_obs=300, n_batches=3)
-    ss.tl.add_gene_programs(data, _programs(data), min_genes=12)
-    is_query = (data.obs["batch"] == "batch_2").to_numpy()
-    ref, query = data[~is_query].copy(), data[is_query].copy()
-    ref.obs["batch"] = ref.obs["batch"].cat.remove_unused_categories()
-    model = ss.EXPIMAP(ref, batch_key="batch", **SMALL)
-    model.train(max_epochs=5, progress_bar=False)
+    data, ref, query, model = _reference_and_query()
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     qm = ss.tl.map_query(query, model, n_ext=2, max_epochs=5, progress_bar=False)
     assert query.obsm["X_expimap"].shape == (query.n_obs, 6)
@@ -215,13 +216,7 @@ def test_a_query_can_add_extension_programs():
 def test_a_query_can_add_constrained_programs(tmp_path):
     """scArches' new_n_ext_m with new_ext_mask: new programs with their own gene sets, learned from
     the query after the reference's programs, out-of-set weights exactly zero."""
-    data = make_adata(n_obs=300, n_batches=3)
-    ss.tl.add_gene_programs(data, _programs(data), min_genes=12)
-    is_query = (data.obs["batch"] == "batch_2").to_numpy()
-    ref, query = data[~is_query].copy(), data[is_query].copy()
-    ref.obs["batch"] = ref.obs["batch"].cat.remove_unused_categories()
-    model = ss.EXPIMAP(ref, batch_key="batch", **SMALL)
-    model.train(max_epochs=5, progress_bar=False)
+    data, _ref, query, model = _reference_and_query()
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     genes = list(data.var_names)
     new = {"NEW_A": [g.lower() for g in genes[:15]] + ["NOT_A_GENE"], "NEW_B": genes[20:40]}
@@ -247,12 +242,7 @@ def test_a_query_can_add_constrained_programs(tmp_path):
 
 
 def test_bad_new_programs_raise_and_leave_the_query_unchanged():
-    data = make_adata(n_obs=200, n_batches=2)
-    ss.tl.add_gene_programs(data, _programs(data), min_genes=12)
-    ref, query = data[data.obs["batch"] == "batch_0"].copy(), data[data.obs["batch"] == "batch_1"].copy()
-    ref.obs["batch"] = ref.obs["batch"].cat.remove_unused_categories()
-    model = ss.EXPIMAP(ref, batch_key="batch", **SMALL)
-    model.train(max_epochs=1, progress_bar=False)
+    data, ref, query, model = _reference_and_query(n_obs=200, n_batches=2, epochs=1)
     snap = snapshot(query)
     for programs, match in (
         ({"NEW": ["NOPE1", "NOPE2"]}, "no gene among"),

@@ -63,9 +63,10 @@ def map_query(
         (a warning says how many). Never modified except for the outputs below.
     reference
         A trained :class:`~scanpy_scvi.SCVI`, :class:`~scanpy_scvi.SCANVI`,
-        :class:`~scanpy_scvi.TOTALVI` or :class:`~scanpy_scvi.TRVAE`, a directory written by
-        ``model.save``, or an AnnData carrying its model (``pp.scvi`` / ``pp.scanvi`` /
-        ``pp.totalvi`` / ``pp.trvae`` with ``store_model=True``).
+        :class:`~scanpy_scvi.TOTALVI`, :class:`~scanpy_scvi.TRVAE`, :class:`~scanpy_scvi.SCPOLI`
+        or :class:`~scanpy_scvi.EXPIMAP`, a directory written by ``model.save``, or an AnnData
+        carrying its model (``pp.scvi`` / ``pp.scanvi`` / ``pp.totalvi`` / ``pp.trvae`` /
+        ``pp.scpoli`` / ``pp.expimap`` with ``store_model=True``).
         A totalVI query may have the reference's proteins, a smaller panel or none (RNA
         only): proteins it lacks are left out of its likelihood and imputed in the outputs.
     batch_key
@@ -79,13 +80,15 @@ def map_query(
         labels and this must be ``None`` or its ``labels_key``.
     reference_key
         With ``reference`` an AnnData: the ``uns`` entry holding the model (default
-        the first of ``'scanvi'``, ``'totalvi'``, ``'trvae'``, ``'scvi'`` present).
+        the first of ``'scanvi'``, ``'scpoli'``, ``'expimap'``, ``'totalvi'``, ``'trvae'``,
+        ``'scvi'`` present).
     max_missing_genes
         Largest fraction of reference genes the query may lack (zero-padded) before it is an
         error. Raise it knowingly: padded genes carry no information about the query.
     max_epochs
-        Query training epochs. Default: ``min(heuristic, 40)`` for scVI, totalVI and trVAE and
-        ``min(heuristic, 20)`` for scANVI, a fifth of the scArches tutorial's 200/100 epochs (the reference mapping
+        Query training epochs. Default: ``min(heuristic, 40)`` for scVI, totalVI, trVAE and
+        expiMap, ``min(heuristic, 20)`` for scANVI and ``min(heuristic, 10)`` for scPoli, a fifth
+        of the scArches tutorials' 200/100/50 epochs (the reference mapping
         page gives the measured accuracy against the tutorial's recipe); ``0`` embeds without
         training.
     lr, weight_decay, batch_size, train_size
