@@ -99,7 +99,7 @@ def run_one(name, adata, genes, seed, args) -> dict:
             "heldout_elbo": elbo, "train_seconds": seconds, **table.loc["X_latent"].to_dict(), "depth_rho": depth,
         }  # fmt: skip
         print(f"  {name} seed {seed} {system}: ELBO {elbo:.2f}, NMI {out[system]['nmi_kmeans']:.3f}, "
-              f"ARI {out[system]['ari_kmeans']:.3f}, total {out[system]['total']:.3f} ({seconds:.0f} s)", flush=True)  # fmt: skip
+              f"ARI {out[system]['ari_kmeans']:.3f}, total {out[system]['total']:.3f}, depth_rho {depth:.3f} ({seconds:.0f} s)", flush=True)  # fmt: skip
     return out
 
 
