@@ -220,8 +220,12 @@ def test_a_query_can_add_constrained_programs(tmp_path):
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     genes = list(data.var_names)
     new = {"NEW_A": [g.lower() for g in genes[:15]] + ["NOT_A_GENE"], "NEW_B": genes[20:40]}
-    qm = ss.tl.map_query(query, model, new_programs=new, n_ext=1, max_epochs=5, progress_bar=False)
+    qm = ss.tl.map_query(query, model, new_programs=new, n_ext=1, max_epochs=5, trainer_kwargs={"gamma_ext": 0.1},
+                         progress_bar=False)  # fmt: skip
     assert query.obsm["X_expimap"].shape == (query.n_obs, 4 + 2 + 1)
+    assert qm.train_config["gamma_ext"] == 0.1
+    params = query.uns["expimap"]["params"]
+    assert list(params["new_programs"]) == ["NEW_A", "NEW_B"] and params["n_ext"] == 1 and params["gamma_ext"] == 0.1
     table = qm.programs()
     assert list(table.index[4:]) == ["NEW_A", "NEW_B", "extension_0"]
     assert table.loc["NEW_A", "n_genes"] == 15 and table.loc["NEW_B", "n_genes"] == 20

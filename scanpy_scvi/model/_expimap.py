@@ -116,7 +116,8 @@ class EXPIMAP(TRVAE):
             Group-lasso coefficient (the scArches tutorial's 0.7; scArches' own default is none).
             ``None`` or 0 keeps every program.
         alpha_l1
-            L1 coefficient of the out-of-mask weights (``soft_mask=True`` only).
+            L1 coefficient of the out-of-mask weights (``soft_mask=True``, or new programs mapped
+            with ``new_programs_soft_mask=True``).
         gamma_ext
             L1 coefficient of the extension programs' weights (``n_ext > 0``; scArches' ``gamma_ext``).
         hsic_weight

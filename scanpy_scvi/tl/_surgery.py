@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .._compat import logg, warn
-from ..data import Programs
+from ..data import Programs, gene_sets
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -40,7 +40,7 @@ def map_query(
     n_ext: int = 0,
     new_programs: Programs | None = None,
     new_programs_soft_mask: bool = False,
-    train_kwargs: dict[str, Any] | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
     n_neighbors: int = 15,
     key_added: str | None = None,
     store_model: bool = True,
@@ -108,7 +108,7 @@ def map_query(
         expiMap reference: unconstrained extension programs the query model adds and learns, to
         capture what the reference's programs miss (scArches' ``new_n_ext``); they appear as
         ``extension_0``, ... in its ``programs()``. Sparsify them with
-        ``train_kwargs={'gamma_ext': ...}``.
+        ``trainer_kwargs={'gamma_ext': ...}``.
     new_programs
         expiMap reference: new annotated programs the query model adds and learns (scArches'
         ``new_n_ext_m`` with ``new_ext_mask``): a GMT file, several, or a dict of program name ->
@@ -116,8 +116,8 @@ def map_query(
         They follow the reference's programs in ``programs()`` and the latent space.
     new_programs_soft_mask
         Let genes outside a new program's gene set enter it, kept sparse by an L1 step
-        (``train_kwargs={'alpha_l1': ...}``; scArches' ``new_soft_ext_mask``).
-    train_kwargs
+        (``trainer_kwargs={'alpha_l1': ...}``; scArches' ``new_soft_ext_mask``).
+    trainer_kwargs
         Further arguments of the query model's ``train`` (e.g. expiMap's ``alpha``, ``alpha_l1``,
         ``gamma_ext``, ``hsic_weight``; scVI's ``max_kl_weight``).
     n_neighbors
@@ -181,8 +181,8 @@ def map_query(
         query_options["labeled_indices"] = labeled_indices
     if n_ext:
         query_options["n_ext"] = n_ext
-    if new_programs is not None:
-        query_options["new_programs"] = new_programs
+    if new_programs is not None:  # files read once, here: both of the model's query hooks match the sets
+        query_options["new_programs"] = gene_sets(new_programs)
     if new_programs_soft_mask:
         if new_programs is None:
             msg = "new_programs_soft_mask applies to new_programs; none were given."
@@ -226,7 +226,7 @@ def map_query(
             device=device,
             random_state=random_state,
             progress_bar=progress_bar,
-            **(train_kwargs or {}),
+            **(trainer_kwargs or {}),
         )
     else:
         if not added:
@@ -260,7 +260,9 @@ def map_query(
         "max_epochs": max_epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "train_size": train_size,
         "n_epochs_kl_warmup": n_epochs_kl_warmup, "freeze_expression": freeze_expression,
         "freeze_batchnorm_decoder": freeze_batchnorm_decoder, "n_neighbors": n_neighbors if label_col and not predicts else None,
-        "random_state": random_state, "key_added": key_added,
+        "random_state": random_state, "key_added": key_added, "n_ext": n_ext,
+        "new_programs": np.asarray(list(query_options.get("new_programs", {})), dtype=object),
+        "new_programs_soft_mask": new_programs_soft_mask, **(trainer_kwargs or {}),
     }  # fmt: skip
     record = model.uns_record(params, store_model=store_model)
     record["missing_genes"] = np.asarray(missing, dtype=object)
