@@ -246,6 +246,11 @@ def _optional_layer_sizes(name: str, value) -> None:
         _layer_sizes(name, value)
 
 
+def _count(name: str, value) -> None:
+    if value != 0:
+        positive_int(name, value)
+
+
 def _positive_number(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         msg = f"{name} must be a positive number, got {value!r}."
@@ -314,13 +319,13 @@ class EXPIMAPArchitecture(TRVAEArchitecture):
         0,
         "Unconstrained extension programs (latent units whose decoder column may use any gene), e.g. learned "
         "from a query by ``tl.map_query(..., n_ext=)``; sparsified by ``gamma_ext`` in training.",
-        check=lambda name, value: value == 0 or positive_int(name, value),
+        check=_count,
     )
     n_ext_masked: int = setting(
         0,
         "Constrained extension programs: new annotated programs with their own gene mask, added after the "
         "reference's programs by ``tl.map_query(..., new_programs=)`` (scArches' ``n_ext_m``).",
-        check=lambda name, value: value == 0 or positive_int(name, value),
+        check=_count,
     )
     soft_ext_mask: bool = setting(
         False,
