@@ -250,9 +250,10 @@ def test_module_loss_terms(gene_likelihood, use_observed_lib_size):
 
 # -- the sparse-aware summed likelihood used in training ------------------------------------------
 @pytest.mark.parametrize("likelihood", ["zinb", "nb", "poisson"])
-@pytest.mark.parametrize("theta_shape", ["gene", "cell-gene"])
+@pytest.mark.parametrize("theta_shape", ["gene", "cell-gene", "group-gene"])
 def test_summed_log_likelihood_equals_reference_values_and_gradients(likelihood, theta_shape):
-    """The nonzero-only evaluation equals the summed reference formulas, gradients included."""
+    """The nonzero-only evaluation equals the summed reference formulas, gradients included;
+    a dispersion table of rows (``theta_rows``) as the per-cell theta it stands for."""
     from scanpy_scvi.nn._likelihoods import summed_log_likelihood
 
     g = torch.Generator().manual_seed(0)
@@ -263,8 +264,9 @@ def test_summed_log_likelihood_equals_reference_values_and_gradients(likelihood,
     x[0] = 0.0  # a cell without counts in these genes
     x[1, :5] = torch.tensor([1.0, 17.0, 250.0, 3000.0, 2.0], dtype=torch.float64)
     mu0 = torch.rand(n, genes, generator=g, dtype=torch.float64) * 20 + 1e-3
-    shape = (genes,) if theta_shape == "gene" else (n, genes)
+    shape = {"gene": (genes,), "cell-gene": (n, genes), "group-gene": (4, genes)}[theta_shape]
     theta0 = torch.rand(shape, generator=g, dtype=torch.float64) * 5 + 0.05
+    rows = torch.arange(n) % 3 if theta_shape == "group-gene" else None  # table row 3 unused: zero gradient
     logits0 = torch.randn(n, genes, generator=g, dtype=torch.float64) * 2
 
     def grads(fn):
@@ -275,6 +277,7 @@ def test_summed_log_likelihood_equals_reference_values_and_gradients(likelihood,
         return value.detach(), [t.grad for t in used]
 
     def reference(mu, theta, logits):
+        theta = theta if rows is None else theta[rows]
         if likelihood == "zinb":
             return log_zinb(x, mu, theta, logits).sum(-1)
         if likelihood == "nb":
@@ -284,13 +287,15 @@ def test_summed_log_likelihood_equals_reference_values_and_gradients(likelihood,
     nz_index = x.reshape(-1).nonzero().squeeze(1)
 
     def fast(mu, theta, logits):
-        return summed_log_likelihood(mu, theta, logits, likelihood, nz_index, x.reshape(-1)[nz_index])
+        return summed_log_likelihood(mu, theta, logits, likelihood, nz_index, x.reshape(-1)[nz_index], theta_rows=rows)
 
     ref_value, ref_grads = grads(reference)
     fast_value, fast_grads = grads(fast)
     torch.testing.assert_close(fast_value, ref_value, rtol=1e-12, atol=1e-9)
     for a, b in zip(fast_grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    if rows is not None and likelihood != "poisson":
+        assert torch.all(fast_grads[1][3] == 0) and torch.all(fast_grads[1][:3] != 0)
 
 
 def test_module_loss_matches_elementwise_reference():

@@ -82,6 +82,7 @@ def summed_log_likelihood(
     nz_index: torch.Tensor,
     nz_values: torch.Tensor,
     eps: float = EPS,
+    theta_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log p(x | mu, theta, logits) summed over genes, per cell, from the nonzero counts.
 
@@ -92,50 +93,65 @@ def summed_log_likelihood(
     given by their flat (row-major) positions ``nz_index`` in the (cells, genes) count
     matrix and their values ``nz_values`` (> 0).
 
-    ``mu`` and ``zi_logits`` are (cells, genes), ``theta`` is (genes,) or (cells, genes).
+    ``mu`` and ``zi_logits`` are (cells, genes), ``theta`` is (genes,) or (cells, genes), or,
+    with ``theta_rows`` (cells,), a (groups, genes) table whose row ``theta_rows[i]`` is cell
+    i's (a dispersion per gene and batch): ``lgamma(theta)`` and ``digamma(theta)`` are then
+    evaluated once per table entry rather than at every nonzero count.
     When gradients are needed they are formed in the same pass from closed-form
     derivatives: one autograd node instead of some sixty elementwise ones, whose backward
     (mostly scatters through the nonzero gathers) took most of a CPU training step.
     """
     inputs = (mu, theta, zi_logits)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return _SummedLogLikelihood.apply(*inputs, likelihood, nz_index, nz_values, eps)
-    return _log_likelihood_and_derivatives(*inputs, likelihood, nz_index, nz_values, eps, False)[0]
+        return _SummedLogLikelihood.apply(*inputs, likelihood, nz_index, nz_values, eps, theta_rows)
+    return _log_likelihood_and_derivatives(*inputs, likelihood, nz_index, nz_values, eps, False, theta_rows)[0]
 
 
 class _SummedLogLikelihood(torch.autograd.Function):
     """Autograd node of :func:`summed_log_likelihood`: backward scales the saved derivatives."""
 
     @staticmethod
-    def forward(ctx, mu, theta, zi_logits, likelihood, nz_index, nz_values, eps):
+    def forward(ctx, mu, theta, zi_logits, likelihood, nz_index, nz_values, eps, theta_rows):
         ll, derivatives = _log_likelihood_and_derivatives(
-            mu, theta, zi_logits, likelihood, nz_index, nz_values, eps, True
+            mu, theta, zi_logits, likelihood, nz_index, nz_values, eps, True, theta_rows
         )
         ctx.theta_per_gene = theta is not None and theta.dim() == 1
-        ctx.save_for_backward(*derivatives)
+        ctx.theta_groups = None if theta_rows is None else len(theta)
+        ctx.save_for_backward(*derivatives, theta_rows)
         return ll
 
     @staticmethod
     def backward(ctx, grad_ll):
-        d_mu, d_theta, d_logits = ctx.saved_tensors
+        d_mu, d_theta, d_logits, theta_rows = ctx.saved_tensors
         per_cell = grad_ll.unsqueeze(-1)
         grad_theta = None
         if d_theta is not None:  # a per-gene theta was broadcast over the cells
             grad_theta = grad_ll @ d_theta if ctx.theta_per_gene else d_theta * per_cell
+        if ctx.theta_groups is not None and grad_theta is not None:  # into the table rows (index_select's backward)
+            grad_theta = grad_theta.new_zeros((ctx.theta_groups, grad_theta.shape[1])).index_add_(
+                0, theta_rows, grad_theta
+            )
         grad_logits = None if d_logits is None else d_logits * per_cell
-        return d_mu * per_cell, grad_theta, grad_logits, None, None, None, None
+        return d_mu * per_cell, grad_theta, grad_logits, None, None, None, None, None
 
 
-def _log_likelihood_and_derivatives(mu, theta, zi_logits, likelihood, flat, x, eps, with_derivatives):
+def _log_likelihood_and_derivatives(mu, theta, zi_logits, likelihood, flat, x, eps, with_derivatives, theta_rows=None):
     """Per-cell log-likelihood and (optionally) d ll_cell / d (mu, theta, logits) per entry.
 
     Dense (cells, genes) terms are computed as if every count were zero, then the nonzero
     entries are corrected through flat indices (unique positions, so plain scatters do).
     A derivative is None for an input that is None. Per-gene ``theta`` gets a
-    (cells, genes) derivative, summed over cells by the caller.
+    (cells, genes) derivative, summed over cells by the caller; so does a table of rows
+    (``theta_rows``), which the caller sums into the rows.
     """
     n, g = mu.shape
-    nz_cols = flat % g if theta is not None and theta.dim() == 1 else None
+    table = None
+    if theta_rows is not None:  # (groups, genes): the nonzeros' positions in the table
+        table, theta = theta, theta.index_select(0, theta_rows)
+        rows, cols = _rows_and_columns(flat, g)
+        nz_cols = theta_rows.index_select(0, rows) * g + cols
+    else:
+        nz_cols = _rows_and_columns(flat, g)[1] if theta is not None and theta.dim() == 1 else None
 
     def at_nz(t: torch.Tensor) -> torch.Tensor:
         return t.index_select(0, nz_cols) if t.dim() == 1 else t.reshape(-1).index_select(0, flat)
@@ -161,7 +177,7 @@ def _log_likelihood_and_derivatives(mu, theta, zi_logits, likelihood, flat, x, e
     nonzero_terms = (
         x * (torch.log(mu_nz + eps) - at_nz(log_total))
         + torch.lgamma(x + theta_nz)
-        - _per_nonzero(torch.lgamma, theta, theta_nz, nz_cols)
+        - _per_nonzero(torch.lgamma, theta, theta_nz, nz_cols, table)
         - log_x_factorial
     )
     if likelihood == "nb":
@@ -192,13 +208,26 @@ def _log_likelihood_and_derivatives(mu, theta, zi_logits, likelihood, flat, x, e
     d_mu = add_at_nz(theta_over_total.mul(d_nb_zero).neg_(), x * (1.0 / (mu_nz + eps) - 1.0 / total_nz))
     d_theta = add_at_nz(
         (log_theta + theta / (theta + eps) - log_total).sub_(theta_over_total).mul_(d_nb_zero),
-        torch.digamma(x + theta_nz) - _per_nonzero(torch.digamma, theta, theta_nz, nz_cols) - x / total_nz,
+        torch.digamma(x + theta_nz) - _per_nonzero(torch.digamma, theta, theta_nz, nz_cols, table) - x / total_nz,
     )
     return ll, (d_mu, d_theta, d_logits)
 
 
-def _per_nonzero(fn, theta: torch.Tensor, theta_nz: torch.Tensor, nz_cols: torch.Tensor) -> torch.Tensor:
-    """``fn(theta)`` at the nonzero entries; a per-gene theta is evaluated once per gene."""
+def _rows_and_columns(flat: torch.Tensor, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column of flat row-major positions in a matrix of ``g`` columns.
+
+    Through float64 division (exact below 2**52 entries): integer division and remainder
+    have no vector instructions on CPUs and cost ten times as much.
+    """
+    rows = flat.to(torch.float64).div_(g).floor_().to(flat.dtype)
+    return rows, flat - rows * g
+
+
+def _per_nonzero(fn, theta, theta_nz, nz_cols, table=None) -> torch.Tensor:
+    """``fn(theta)`` at the nonzero entries; a per-gene theta or a table is evaluated once per
+    entry (``nz_cols``: the nonzeros' positions in it)."""
+    if table is not None:
+        return fn(table).reshape(-1).index_select(0, nz_cols)
     return fn(theta).index_select(0, nz_cols) if theta.dim() == 1 else fn(theta_nz)
 
 

@@ -218,10 +218,13 @@ class ConditionalVAE(nn.Module):
             return {"px_scale": F.relu(logits), "y": y}
         px_scale = torch.softmax(logits, dim=-1)
         batch = tensors["batch"] if transform_batch is None else torch.full_like(tensors["batch"], transform_batch)
+        theta_table = torch.exp(self.log_theta).T.contiguous()  # (conditions, genes)
         return {
             "px_scale": px_scale,
             "px_rate": torch.exp(library) * px_scale,
-            "theta": torch.exp(self.log_theta).T.contiguous().index_select(0, batch),  # exp of genes x conditions only
+            "theta": theta_table.index_select(0, batch),
+            "theta_table": theta_table,
+            "theta_rows": batch,
             "zi_logits": self.dropout_head(h) if self.gene_likelihood == "zinb" else None,
             "y": y,
         }
