@@ -1,11 +1,8 @@
-"""Counts on disk: epochs read in blocks of rows, served by a reader that reads ahead; in-memory
-minibatches assembled ahead too."""
+"""Counts on disk: epochs read in blocks of rows, served by a reader that reads ahead."""
 
 from __future__ import annotations
 
-import gc
 import threading
-import time
 
 import anndata as ad
 import numpy as np
@@ -14,8 +11,7 @@ import torch
 from conftest import make_adata
 
 from scanpy_scvi import SCVI
-from scanpy_scvi.data import BlockReader, DataSetup, epoch_minibatches, minibatches, stream
-from scanpy_scvi.data._ahead import read_ahead
+from scanpy_scvi.data import BlockReader, DataSetup, epoch_minibatches, minibatches
 
 
 def test_block_epoch_covers_every_cell_once_from_few_blocks():
@@ -83,45 +79,6 @@ def test_reader_error_reaches_the_training_loop(tmp_path):
     with pytest.raises(IndexError):
         list(BlockReader(source, block_rows=50).stream([np.arange(10)]))
     backed.file.close()
-
-
-def test_in_memory_minibatches_are_read_ahead_in_order_for_dense_and_sparse_counts():
-    """``stream`` over an in-memory matrix gives each minibatch's tensors in order (a thread
-    assembles them ahead); a dense matrix gets the nonzero positions a CSR one gets; a consumer
-    that stops early ends the thread."""
-    adata = make_adata(n_obs=300, n_vars=30, random_state=4)
-    setup = DataSetup.from_adata(adata, batch_key="batch", labels_key="labels")
-    sparse_source = setup.bind(adata).source
-    dense = adata.copy()
-    dense.X = dense.X.toarray()
-    dense_source = setup.bind(dense).source
-    batches = minibatches(np.random.default_rng(0).permutation(300), 64)
-    before = threading.active_count()
-    for source in (sparse_source, dense_source):
-        for rows, got in zip(batches, stream(source, batches), strict=True):
-            want = sparse_source.get(rows, nonzero=True)
-            assert set(got) == set(want)
-            for key in want:
-                assert torch.equal(got[key], want[key]), key
-            assert torch.equal(got["nz_index"], got["X"].reshape(-1).nonzero().squeeze(1))
-    next(stream(dense_source, batches))  # abandoned after one minibatch
-    gc.collect()
-    deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert threading.active_count() == before
-
-
-def test_read_ahead_raises_the_producers_error():
-    def items():
-        yield {"X": torch.zeros(1)}
-        msg = "broken minibatch"
-        raise KeyError(msg)
-
-    got = read_ahead(items(), ahead=2)
-    assert torch.equal(next(got)["X"], torch.zeros(1))
-    with pytest.raises(KeyError, match="broken minibatch"):
-        next(got)
 
 
 def test_training_on_a_backed_file_reads_blocks_and_learns(tmp_path):

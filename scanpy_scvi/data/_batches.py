@@ -109,8 +109,8 @@ class MinibatchSource:
 
         ``sparse=True`` gives ``X`` as a torch CSR tensor when the counts are an in-memory CSR
         matrix with every model gene present (else dense). ``nonzero=True`` adds, for a dense
-        ``X``, ``nz_index``: the flat positions of its nonzero entries in increasing order,
-        taken from the CSR structure when ``X`` is read from an in-memory CSR matrix.
+        ``X`` read from an in-memory CSR matrix, ``nz_index``: the flat positions of its
+        nonzero entries, taken from the CSR structure (cheaper than searching the block).
         """
         idx = np.asarray(idx)
         csr = sp.issparse(self.X) and self.X.format == "csr"
@@ -124,10 +124,7 @@ class MinibatchSource:
                 out["X"] = torch.from_numpy(dense)
                 out["nz_index"] = torch.from_numpy(flat_nonzero(block, dense))
         else:
-            dense = self._read_any_order(idx)
-            out["X"] = torch.from_numpy(dense)
-            if nonzero and not sparse:
-                out["nz_index"] = torch.from_numpy(np.nonzero(dense.ravel() != 0)[0])  # faster than flatnonzero
+            out["X"] = torch.from_numpy(self._read_any_order(idx))
         for key, values in self.obs.items():
             out[key] = torch.from_numpy(np.ascontiguousarray(values[idx]))
         return {k: v.to(device, non_blocking=True) for k, v in out.items()}

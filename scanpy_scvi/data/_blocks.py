@@ -10,13 +10,15 @@ plus the minibatches ahead.
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from collections.abc import Iterator
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ._ahead import read_ahead
 from ._batches import MinibatchSource, flat_nonzero
 
 
@@ -37,22 +39,39 @@ class BlockReader:
         A background thread reads the blocks and assembles the minibatches ahead (up to
         ``ahead`` of them), so that the training thread only moves them to the device.
         """
-        return read_ahead(self._assembled(batches, nonzero), self.ahead, device)
+        ready = queue.Queue(maxsize=self.ahead)
+        stop = threading.Event()
+        worker = threading.Thread(target=self._assemble, args=(batches, nonzero, ready, stop), daemon=True)
+        worker.start()
+        try:
+            for _ in batches:
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield {k: v.to(device, non_blocking=True) for k, v in item.items()}
+        finally:
+            stop.set()
+            worker.join(timeout=60)
 
-    def _assembled(self, batches: list[np.ndarray], nonzero: bool) -> Iterator[dict[str, torch.Tensor]]:
-        """The minibatches' tensors in order, each block read once and dropped after its last use."""
-        needs = [np.unique(np.asarray(b) // self.block_rows) for b in batches]
-        last_use = {b: i for i, blocks in enumerate(needs) for b in blocks.tolist()}
-        cache: dict[int, sp.csr_matrix] = {}
-        for i, (rows, blocks) in enumerate(zip(batches, needs, strict=True)):
-            for b in blocks.tolist():
-                if b not in cache:
-                    cache[b] = self._read_block(b)
-            item = self._batch(np.asarray(rows), cache, nonzero)
-            for b in blocks.tolist():
-                if last_use[b] == i:
-                    del cache[b]
-            yield item
+    def _assemble(self, batches: list[np.ndarray], nonzero: bool, ready: queue.Queue, stop: threading.Event) -> None:
+        """Read the blocks each minibatch needs (each once, dropped after its last use) and put
+        the minibatches' tensors on ``ready``, in order."""
+        try:
+            needs = [np.unique(np.asarray(b) // self.block_rows) for b in batches]
+            last_use = {b: i for i, blocks in enumerate(needs) for b in blocks.tolist()}
+            cache: dict[int, sp.csr_matrix] = {}
+            for i, (rows, blocks) in enumerate(zip(batches, needs, strict=True)):
+                for b in blocks.tolist():
+                    if b not in cache:
+                        cache[b] = self._read_block(b)
+                item = self._batch(np.asarray(rows), cache, nonzero)
+                for b in blocks.tolist():
+                    if last_use[b] == i:
+                        del cache[b]
+                if not _put(ready, item, stop):
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            _put(ready, err, stop)
 
     def _read_block(self, b: int) -> sp.csr_matrix:
         """Rows ``[b * block_rows, (b + 1) * block_rows)``, model columns, as float32 CSR."""
@@ -81,18 +100,20 @@ class BlockReader:
         return out
 
 
-#: Minibatches of an in-memory matrix assembled ahead of the training thread.
-IN_MEMORY_AHEAD = 2
+def _put(ready: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` on ``ready``, waiting for room unless the consumer stopped; False if it did."""
+    while not stop.is_set():
+        with contextlib.suppress(queue.Full):
+            ready.put(item, timeout=0.1)
+            return True
+    return False
 
 
 def stream(source, batches: list[np.ndarray], device: torch.device | str = "cpu", nonzero: bool = True):
     """The tensors of each of ``batches`` in turn: from blocks read ahead when ``source`` is on
-    disk; from an in-memory matrix assembled ahead by a background thread; from a source held
-    on the device, gathered there."""
-    if not isinstance(source, MinibatchSource):
-        for rows in batches:
-            yield source.get(rows, device, nonzero=nonzero)
-    elif source.backed:
+    disk, else one ``source.get`` per minibatch."""
+    if isinstance(source, MinibatchSource) and source.backed:
         yield from BlockReader(source).stream(batches, device, nonzero)
     else:
-        yield from read_ahead((source.get(rows, nonzero=nonzero) for rows in batches), IN_MEMORY_AHEAD, device)
+        for rows in batches:
+            yield source.get(rows, device, nonzero=nonzero)
