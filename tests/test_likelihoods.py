@@ -287,7 +287,10 @@ def test_summed_log_likelihood_equals_reference_values_and_gradients(likelihood,
     nz_index = x.reshape(-1).nonzero().squeeze(1)
 
     def fast(mu, theta, logits):
-        return summed_log_likelihood(mu, theta, logits, likelihood, nz_index, x.reshape(-1)[nz_index], theta_rows=rows)
+        if rows is None:
+            return summed_log_likelihood(mu, theta, logits, likelihood, nz_index, x.reshape(-1)[nz_index])
+        return summed_log_likelihood(mu, theta[rows], logits, likelihood, nz_index, x.reshape(-1)[nz_index],
+                                     theta_table=theta, theta_rows=rows)  # fmt: skip
 
     ref_value, ref_grads = grads(reference)
     fast_value, fast_grads = grads(fast)

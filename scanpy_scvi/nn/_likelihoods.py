@@ -82,6 +82,7 @@ def summed_log_likelihood(
     nz_index: torch.Tensor,
     nz_values: torch.Tensor,
     eps: float = EPS,
+    theta_table: torch.Tensor | None = None,
     theta_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log p(x | mu, theta, logits) summed over genes, per cell, from the nonzero counts.
@@ -93,61 +94,59 @@ def summed_log_likelihood(
     given by their flat (row-major) positions ``nz_index`` in the (cells, genes) count
     matrix and their values ``nz_values`` (> 0).
 
-    ``mu`` and ``zi_logits`` are (cells, genes), ``theta`` is (genes,) or (cells, genes), or,
-    with ``theta_rows`` (cells,), a (groups, genes) table whose row ``theta_rows[i]`` is cell
-    i's (a dispersion per gene and batch): ``lgamma(theta)`` and ``digamma(theta)`` are then
-    evaluated once per table entry rather than at every nonzero count.
+    ``mu`` and ``zi_logits`` are (cells, genes), ``theta`` is (genes,) or (cells, genes). A
+    per-cell theta that is the rows ``theta_rows`` (cells,) of a (groups, genes) table
+    ``theta_table`` (a dispersion per gene and batch) may name them: ``lgamma(theta)`` and
+    ``digamma(theta)`` are then evaluated once per table entry rather than at every nonzero
+    count (gradients still flow through ``theta``).
     When gradients are needed they are formed in the same pass from closed-form
     derivatives: one autograd node instead of some sixty elementwise ones, whose backward
     (mostly scatters through the nonzero gathers) took most of a CPU training step.
     """
     inputs = (mu, theta, zi_logits)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return _SummedLogLikelihood.apply(*inputs, likelihood, nz_index, nz_values, eps, theta_rows)
-    return _log_likelihood_and_derivatives(*inputs, likelihood, nz_index, nz_values, eps, False, theta_rows)[0]
+        return _SummedLogLikelihood.apply(*inputs, likelihood, nz_index, nz_values, eps, theta_table, theta_rows)
+    return _log_likelihood_and_derivatives(
+        *inputs, likelihood, nz_index, nz_values, eps, False, theta_table, theta_rows
+    )[0]
 
 
 class _SummedLogLikelihood(torch.autograd.Function):
     """Autograd node of :func:`summed_log_likelihood`: backward scales the saved derivatives."""
 
     @staticmethod
-    def forward(ctx, mu, theta, zi_logits, likelihood, nz_index, nz_values, eps, theta_rows):
+    def forward(ctx, mu, theta, zi_logits, likelihood, nz_index, nz_values, eps, theta_table, theta_rows):
         ll, derivatives = _log_likelihood_and_derivatives(
-            mu, theta, zi_logits, likelihood, nz_index, nz_values, eps, True, theta_rows
+            mu, theta, zi_logits, likelihood, nz_index, nz_values, eps, True, theta_table, theta_rows
         )
         ctx.theta_per_gene = theta is not None and theta.dim() == 1
-        ctx.theta_groups = None if theta_rows is None else len(theta)
-        ctx.save_for_backward(*derivatives, theta_rows)
+        ctx.save_for_backward(*derivatives)
         return ll
 
     @staticmethod
     def backward(ctx, grad_ll):
-        d_mu, d_theta, d_logits, theta_rows = ctx.saved_tensors
+        d_mu, d_theta, d_logits = ctx.saved_tensors
         per_cell = grad_ll.unsqueeze(-1)
         grad_theta = None
         if d_theta is not None:  # a per-gene theta was broadcast over the cells
             grad_theta = grad_ll @ d_theta if ctx.theta_per_gene else d_theta * per_cell
-        if ctx.theta_groups is not None and grad_theta is not None:  # into the table rows (index_select's backward)
-            grad_theta = grad_theta.new_zeros((ctx.theta_groups, grad_theta.shape[1])).index_add_(
-                0, theta_rows, grad_theta
-            )
         grad_logits = None if d_logits is None else d_logits * per_cell
-        return d_mu * per_cell, grad_theta, grad_logits, None, None, None, None, None
+        return d_mu * per_cell, grad_theta, grad_logits, None, None, None, None, None, None
 
 
-def _log_likelihood_and_derivatives(mu, theta, zi_logits, likelihood, flat, x, eps, with_derivatives, theta_rows=None):
+def _log_likelihood_and_derivatives(
+    mu, theta, zi_logits, likelihood, flat, x, eps, with_derivatives, table=None, theta_rows=None
+):
     """Per-cell log-likelihood and (optionally) d ll_cell / d (mu, theta, logits) per entry.
 
     Dense (cells, genes) terms are computed as if every count were zero, then the nonzero
     entries are corrected through flat indices (unique positions, so plain scatters do).
     A derivative is None for an input that is None. Per-gene ``theta`` gets a
-    (cells, genes) derivative, summed over cells by the caller; so does a table of rows
-    (``theta_rows``), which the caller sums into the rows.
+    (cells, genes) derivative, summed over cells by the caller. With ``table`` (theta =
+    ``table[theta_rows]``) functions of theta alone are evaluated on the table.
     """
     n, g = mu.shape
-    table = None
-    if theta_rows is not None:  # (groups, genes): the nonzeros' positions in the table
-        table, theta = theta, theta.index_select(0, theta_rows)
+    if table is not None:  # the nonzeros' positions in the table
         rows, cols = _rows_and_columns(flat, g)
         nz_cols = theta_rows.index_select(0, rows) * g + cols
     else:

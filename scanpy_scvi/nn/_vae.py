@@ -286,10 +286,10 @@ def count_log_likelihood(
     """log p(x | z, l) summed over genes; shape = leading dims of ``gen['px_rate']`` without genes.
 
     For one draw per cell (the training case) the sum is taken over the nonzero counts with
-    :func:`summed_log_likelihood` (from ``gen['theta_table']`` and ``gen['theta_rows']`` when
-    the decoder gives its dispersion as a table of rows), at ``nz_index`` (flat positions of the nonzero entries of
-    ``x``, found here when not given on the CPU); with several draws, or on a GPU without
-    ``nz_index``, elementwise.
+    :func:`summed_log_likelihood` (told ``gen['theta_table']`` and ``gen['theta_rows']`` when the
+    decoder's dispersion is a table of rows), at ``nz_index`` (flat positions of the nonzero
+    entries of ``x``, found here when not given on the CPU); with several draws, or on a GPU
+    without ``nz_index``, elementwise.
     """
     mu = gen["px_rate"]
     if mu.dim() == 2:
@@ -299,10 +299,8 @@ def count_log_likelihood(
             rows, cols = x.nonzero(as_tuple=True)
             nz_index = rows * x.shape[1] + cols
         nz_values = x.reshape(-1).index_select(0, nz_index)
-        if gen.get("theta_rows") is not None:  # a dispersion table: its special functions once per entry
-            return summed_log_likelihood(mu, gen["theta_table"], gen["zi_logits"], likelihood, nz_index, nz_values,
-                                         theta_rows=gen["theta_rows"])  # fmt: skip
-        return summed_log_likelihood(mu, gen["theta"], gen["zi_logits"], likelihood, nz_index, nz_values)
+        return summed_log_likelihood(mu, gen["theta"], gen["zi_logits"], likelihood, nz_index, nz_values,
+                                     theta_table=gen.get("theta_table"), theta_rows=gen.get("theta_rows"))  # fmt: skip
     return elementwise_log_likelihood(likelihood, x, gen).sum(dim=-1)
 
 
