@@ -82,12 +82,50 @@ def test_pp_expimap_writes_program_activities(fitted):
     data, model = fitted
     assert data.obsm["X_expimap"].shape == (data.n_obs, 4)
     table = data.uns["expimap"]["programs"]
-    assert list(table.index) == list(data.uns["terms"]) and set(table.columns) == {"active", "direction", "n_genes"}
+    assert list(table.index) == list(data.uns["terms"]) and set(table.columns) == {
+        "active",
+        "direction",
+        "direction_confidence",
+        "n_genes",
+    }
     assert (table["n_genes"] == 15).all()
     genes = model.term_genes("HALLMARK_P0")
     assert genes["in_mask"].all() and len(genes) <= 15 and genes["weights"].abs().is_monotonic_decreasing
     active = model.get_latent_representation(only_active=True)
     assert active.shape[1] == int(table["active"].sum())
+
+
+def test_directions_and_their_confidence_are_the_closed_form(fitted):
+    _data, model = fitted
+    w = model.module.decoder.all_weights().detach().numpy()
+    table = model.programs()
+    np.testing.assert_array_equal(table["direction"], np.sign(w.sum(0)))
+    np.testing.assert_allclose(table["direction_confidence"], np.abs(w.sum(0)) / np.abs(w).sum(0), rtol=1e-6)
+
+
+def test_enrichment_flips_by_direction_and_flags_a_coin_flip_sign(fitted, tmp_path):
+    """The cells of the top and bottom tenth of one program's activity: that program's Bayes
+    factor is strong; directions flip factors' signs and nothing else; when the program's gene
+    weights cancel, its sign is flagged as a coin flip."""
+    data, model = fitted
+    model.save(tmp_path / "m")
+    model = ss.EXPIMAP.load(tmp_path / "m", adata=data)  # a copy whose decoder this test may change
+    k, name = 2, "HALLMARK_P2"
+    z = model.get_latent_representation(data)[:, k]
+    low, high = np.quantile(z, [0.1, 0.9])
+    data = data.copy()
+    data.obs["split"] = np.where(z > high, "high", np.where(z < low, "low", "middle"))
+    args = {"groupby": "split", "comparison": "low", "groups": ["high"], "model": model}
+    plain = ss.tl.gene_program_enrichment(data, use_directions=False, **args).set_index("program")
+    signed = ss.tl.gene_program_enrichment(data, **args).set_index("program").loc[plain.index]
+    assert plain.index[0] == name and plain.loc[name, "bf"] > np.log(10)
+    np.testing.assert_allclose(signed["bf"], plain["bf"] * signed["direction"], atol=1e-4)
+    with torch.no_grad():  # weights that cancel: +1 and -1 in turn over the program's genes
+        genes = torch.nonzero(model.module.decoder.mask[:, k]).ravel()
+        model.module.decoder.programs[genes, k] = torch.tensor([1.0, -1.0]).repeat(len(genes))[: len(genes)]
+    assert model.programs().loc[name, "direction_confidence"] < 0.1
+    with pytest.warns(UserWarning, match=rf"direction of 1 strongly changed program.*{name}"):
+        ss.tl.gene_program_enrichment(data, **args)
 
 
 def test_save_load_keeps_the_mask(fitted, tmp_path):

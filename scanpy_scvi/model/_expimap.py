@@ -209,14 +209,19 @@ class EXPIMAP(TRVAE):
     def programs(self) -> pd.DataFrame:
         """One row per program: ``active`` (a nonzero decoder column), ``direction`` (+1 when its
         gene weights sum to a positive number, so that a higher latent value means higher
-        expression; scArches' ``latent_directions``), ``n_genes`` (in the mask)."""
+        expression; scArches' ``latent_directions``), ``direction_confidence`` (``|sum of the
+        weights| / sum of |weights|``: 1 when every weight has the direction's sign, near 0 when
+        up and down weights cancel and the direction is a coin flip), ``n_genes`` (in the mask)."""
         w = to_numpy(self.module.decoder.all_weights())
         n_ext = self.architecture.n_ext
         in_mask = to_numpy(self.module.decoder.masks().sum(0)).astype(int)
+        size = np.abs(w).sum(0)
+        confidence = np.divide(np.abs(w.sum(0)), size, out=np.zeros_like(size), where=size > 0)
         return pd.DataFrame(
             {
                 "active": to_numpy(self.module.active_programs()).astype(bool),
                 "direction": np.sign(w.sum(0)).astype(np.float32),
+                "direction_confidence": confidence.astype(np.float32),
                 "n_genes": np.concatenate([in_mask, np.full(n_ext, len(self.setup.genes))]),
             },
             index=pd.Index(self.program_names(), name="program"),

@@ -76,7 +76,8 @@ def expimap(
         or its active ones with ``only_active``).
     ``adata.uns['expimap']`` : dict
         ``params``, ``genes``, ``history``, ``versions``, ``device``, ``programs`` (DataFrame:
-        ``active``, ``direction``, ``n_genes`` per program) and, with ``store_model``, ``model``.
+        ``active``, ``direction``, ``direction_confidence``, ``n_genes`` per program) and, with
+        ``store_model``, ``model``.
     """
     from ..model import EXPIMAP
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .._compat import logg
+from .._compat import logg, warn
 from ..data import Programs, gene_sets, program_rows
 from ._model import resolve_model
 
@@ -136,7 +136,10 @@ def gene_program_enrichment(
     Returns
     -------
     DataFrame: one row per group and program, ``group``, ``program``, ``p_h0`` (P(group >
-    comparison)), ``p_h1``, ``bf``, sorted by group and decreasing ``bf``.
+    comparison)), ``p_h1``, ``bf``, the program's ``direction`` and ``direction_confidence``
+    (see :meth:`~scanpy_scvi.EXPIMAP.programs`), sorted by group and decreasing ``bf``. With
+    ``use_directions``, a warning names the programs whose Bayes factor is strong (``|bf| >
+    log 10``) but whose direction is a coin flip (``direction_confidence < 0.1``).
     """
     from scipy.special import erfc
 
@@ -156,7 +159,7 @@ def gene_program_enrichment(
     tested = list(groups) if groups is not None else [g for g in present if against is None or g not in against]
     table = model.programs()
     keep = table["active"].to_numpy() if only_active else np.ones(len(table), dtype=bool)
-    signs = table["direction"].to_numpy() if use_directions else np.ones(len(table))
+    signs = table["direction"].to_numpy() if use_directions else np.ones(len(table), dtype=np.float32)
     bound, idx = model.select(adata, None)
     with model.seeded(random_state):
         means, variances = model.latent(bound, idx, return_dist=True)
@@ -177,11 +180,32 @@ def gene_program_enrichment(
         )
     result = pd.DataFrame(rows, columns=["group", "program", "p_h0", "p_h1", "bf"])
     result = result.sort_values(["group", "bf"], ascending=[True, False], kind="stable").reset_index(drop=True)
+    for column in ("direction", "direction_confidence"):
+        result[column] = table[column].reindex(result["program"]).to_numpy()
+    if use_directions:
+        _warn_uncertain_directions(result)
     adata.uns[key_added] = _rank_layout(result, groupby, comparison)
     logg.info(
         f"    added '{key_added}': Bayes factors of {int(keep.sum())} programs, {len(tested)} group(s) (adata.uns)"
     )
     return result
+
+
+# A Bayes factor beyond log(10) is strong evidence (odds 10:1); a direction confidence under 0.1
+# means the program's up and down weights nearly cancel, so the sign of its factor is arbitrary.
+STRONG_BF, WEAK_DIRECTION = np.log(10), 0.1
+
+
+def _warn_uncertain_directions(result: pd.DataFrame) -> None:
+    """Name the programs whose strong Bayes factor has a coin-flip sign."""
+    doubtful = result[(result["bf"].abs() > STRONG_BF) & (result["direction_confidence"] < WEAK_DIRECTION)]
+    if len(doubtful):
+        names = sorted(set(doubtful["program"]))
+        warn(
+            f"The direction of {len(names)} strongly changed program(s) is uncertain (up and down gene weights "
+            f"nearly cancel, direction_confidence < {WEAK_DIRECTION}): {names[:5]}; the sign of their Bayes factor "
+            "may be flipped. Check with use_directions=False and model.term_genes(program)."
+        )
 
 
 def _rank_layout(result: pd.DataFrame, groupby: str, comparison) -> dict:
