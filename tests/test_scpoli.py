@@ -152,6 +152,10 @@ def test_map_query_trains_only_new_embedding_rows_and_adds_new_cell_types():
     assert model.setup.label_categories == ["label_0", "label_1"]
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     initial = query_model(model, query)[0].module.state_dict()
+    # the new sample starts as the mean reference sample
+    torch.testing.assert_close(
+        initial["embeddings.0.weight"][3], before["embeddings.0.weight"].mean(0), rtol=0, atol=1e-7
+    )
 
     # without labels: the reference's two types are predicted; the unseen type is far from both prototypes
     unlabelled = query.copy()

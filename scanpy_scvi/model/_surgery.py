@@ -3,10 +3,12 @@
 The query's new batches (and categorical covariate values) become new one-hot categories.
 Every weight that reads the one-hot covariates grows new columns, inserted at the end of the
 right block (new batches after the reference's batches, before the covariate blocks), so the
-reference columns keep their meaning. Only the new columns, the library encoder and, by
-default, the decoder's batch-norm scale and shift learn; everything else keeps the
-reference's values bit for bit (gradient masks, no weight decay on frozen entries, batch-norm
-running statistics frozen).
+reference columns keep their meaning. A new category starts as the average reference category
+of its block (the mean of the reference's columns, embedding rows or per-batch parameters): the
+query starts where the reference would put a typical batch. Only the new columns, the library
+encoder and, by default, the decoder's batch-norm scale and shift learn; everything else keeps
+the reference's values bit for bit (gradient masks, no weight decay on frozen entries,
+batch-norm running statistics frozen).
 """
 
 from __future__ import annotations
@@ -123,8 +125,8 @@ def _transfer(ref: nn.Module, new: nn.Module, old_sizes, new_sizes) -> dict[str,
         grown_rows = old.dim() == fresh.dim() == 2 and old.shape[1] == fresh.shape[1] and len(fresh) > len(old)
         if old.shape == fresh.shape:
             out[key] = old.clone()
-        elif grown_rows and key.startswith(tables):
-            out[key] = torch.cat([old, fresh[len(old) :]])
+        elif grown_rows and key.startswith(tables):  # new categories start at the mean reference row
+            out[key] = torch.cat([old, old.mean(dim=0, keepdim=True).expand(len(fresh) - len(old), -1)])
             masks[key] = torch.zeros_like(out[key], dtype=torch.bool)
             masks[key][len(old) :] = True
         elif grown_rows and key in buffers:  # e.g. prototypes of new cell types: set by the model
@@ -165,14 +167,16 @@ def _batch_axis(key: str, old, fresh, n_batch_old: int, n_batch_new: int) -> int
 
 
 def _grow_covariate_columns(old, fresh, old_sizes, new_sizes) -> tuple[torch.Tensor, torch.Tensor]:
-    """A Linear weight reading [features | one-hot blocks]: reference columns kept, new ones fresh.
+    """A Linear weight reading [features | one-hot blocks]: reference columns kept, each new
+    category's column starting at the mean of its block's reference columns (scArches and
+    scvi-tools start from random columns, which made trVAE's query accuracy depend on the seed).
 
-    A block the reference did not have (one category, so no columns) gets a zero column for
-    that category, which leaves the reference cells' outputs unchanged.
+    A block the reference did not have (one category, so no columns) gets zero columns: the
+    reference cells' outputs stay unchanged.
     """
     w_old, w_new = _widths(old_sizes), _widths(new_sizes)
     n_feat = old.shape[1] - sum(w_old)
-    grown = fresh.clone()
+    grown = torch.zeros_like(fresh)
     mask = torch.zeros_like(fresh, dtype=torch.bool)
     grown[:, :n_feat] = old[:, :n_feat]
     o, n = n_feat, n_feat
@@ -180,8 +184,7 @@ def _grow_covariate_columns(old, fresh, old_sizes, new_sizes) -> tuple[torch.Ten
         if wn:
             if wo:
                 grown[:, n : n + n_old] = old[:, o : o + n_old]
-            else:
-                grown[:, n : n + n_old] = 0.0
+                grown[:, n + n_old : n + wn] = old[:, o : o + n_old].mean(dim=1, keepdim=True)
             mask[:, n + n_old : n + wn] = True
         o, n = o + wo, n + wn
     return grown, mask
