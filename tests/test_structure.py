@@ -9,6 +9,7 @@ import inspect
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -136,6 +137,32 @@ def test_pp_functions_give_shared_arguments_the_same_defaults():
     for name in shared:
         defaults = {f.__name__: inspect.signature(f).parameters[name].default for f in funcs}
         assert len({repr(d) for d in defaults.values()}) == 1, (name, defaults)
+
+
+def _prepared(name: str, adata):
+    """``adata`` with what ``pp.<name>`` needs besides counts, and that function's own arguments."""
+    if name == "totalvi":
+        rng = np.random.default_rng(0)
+        adata.obsm["protein_expression"] = pd.DataFrame(
+            rng.poisson(20, (adata.n_obs, 4)), index=adata.obs_names, columns=[f"P{i}" for i in range(4)]
+        )
+    if name == "expimap":
+        genes = list(adata.var_names)
+        ss.tl.add_gene_programs(adata, {"A": genes[:15], "B": genes[15:30]}, min_genes=12)
+    return {"scanvi": {"labels_key": "labels", "unlabeled_category": "Unknown"}}.get(name, {})
+
+
+@pytest.mark.parametrize("func", _pp_functions(), ids=lambda f: f.__name__)
+def test_pp_functions_record_the_run_alike(func, adata):
+    """Every ``pp`` function writes the run's entries of ``uns[key]['params']`` the same way."""
+    own = _prepared(func.__name__, adata)
+    func(adata, max_epochs=1, use_highly_variable_genes=False, random_state=3, key_added="X_mine",
+         progress_bar=False, **own)  # fmt: skip
+    params = adata.uns["mine"]["params"]
+    expected = {"max_epochs": 1, "use_highly_variable_genes": False, "genes_from": "all", "random_state": 3,
+                "key_added": "X_mine"}  # fmt: skip
+    assert {k: params.get(k) for k in expected} == expected
+    assert adata.obsm["X_mine"].shape[0] == adata.n_obs
 
 
 def test_pp_scanvi_takes_the_historical_names(adata):

@@ -103,9 +103,8 @@ def expimap(
     setup = setup_params(setup_args, model)
     params = {
         "mask_key": mask_key, "terms_key": terms_key, "alpha": alpha, "alpha_l1": alpha_l1, "only_active": only_active,
-        "max_epochs": model.train_config["max_epochs"], "lr": lr, "train_size": train_size, "batch_size": batch_size,
-        "early_stopping": early_stopping, "use_highly_variable_genes": run.use_highly_variable_genes,
-        "random_state": run.random_state, "key_added": key_added, **setup, **extra,
+        "lr": lr, "train_size": train_size, "batch_size": batch_size, "early_stopping": early_stopping,
+        **run.params(model, key_added), **setup, **extra,
     }  # fmt: skip
     record = model.uns_record(params, store_model=run.store_model)
     record["programs"] = table

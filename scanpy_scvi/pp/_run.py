@@ -103,6 +103,21 @@ class Run:
         model.attach(copy, bound=model.bind(adata))  # the same cells and counts: checked once
         return copy
 
+    def params(self, model, key_added: str, *, genes_from: str | None = None) -> dict[str, Any]:
+        """The entries of ``uns[key]['params']`` every ``pp`` function records alike: the epochs
+        the model was configured with, the gene choice, the seed and ``key_added``."""
+        a = self.args
+        if genes_from is None:
+            chosen = a.subset_genes is not None
+            genes_from = "subset_genes" if chosen else "highly_variable" if a.use_highly_variable_genes else "all"
+        return {
+            "max_epochs": model.train_config["max_epochs"],
+            "use_highly_variable_genes": a.use_highly_variable_genes,
+            "genes_from": genes_from,
+            "random_state": a.random_state,
+            "key_added": key_added,
+        }
+
     def result(self, adata: AnnData, model):
         """What the call returns: the model and/or the copy, or None."""
         if self.args.copy and self.return_model:

@@ -114,10 +114,10 @@ def scanvi(
     adata.obs[f"{labels_key}_scanvi_proba"] = confidence.astype(np.float32)
     params = {
         "labels_key": labels_key, "unlabeled_category": str(unlabeled_category), "batch_key": model.setup.batch_key,
-        "layer": model.setup.layer, "from_scvi_model": scvi_model is not None, "max_epochs": model.train_config["max_epochs"],
-        "lr": lr, "train_size": train_size, "batch_size": batch_size, "classification_ratio": classification_ratio,
-        "early_stopping": early_stopping, "check_counts": model.setup.check_counts, "random_state": run.random_state,
-        "key_added": key_added,
+        "layer": model.setup.layer, "from_scvi_model": scvi_model is not None, "lr": lr, "train_size": train_size,
+        "batch_size": batch_size, "classification_ratio": classification_ratio, "early_stopping": early_stopping,
+        "check_counts": model.setup.check_counts,
+        **run.params(model, key_added, genes_from="scvi_model" if scvi_model is not None else None),
     }  # fmt: skip
     adata.uns[uns_key] = model.uns_record(params, store_model=run.store_model)
     logg.info(

@@ -128,11 +128,9 @@ def scpoli(
     params = {
         "condition_keys": [model.setup.batch_key, *model.setup.categorical_covariate_keys], "cell_type_keys": ct_key,
         "unknown_ct_names": list(unknown_ct_names or []), "labeled_cells": int(model.labeled_mask.sum())
-        if model.labeled_mask is not None else adata.n_obs, "max_epochs": model.train_config["max_epochs"], "lr": lr,
-        "train_size": train_size, "batch_size": batch_size, "early_stopping": early_stopping, "weight_decay": weight_decay,
-        "pretraining_epochs": model.pretraining_epochs, "eta": eta, "n_epochs_kl_warmup": n_epochs_kl_warmup,
-        "use_highly_variable_genes": run.use_highly_variable_genes, "random_state": run.random_state,
-        "key_added": key_added, **setup, **extra,
+        if model.labeled_mask is not None else adata.n_obs, "lr": lr, "train_size": train_size, "batch_size": batch_size,
+        "early_stopping": early_stopping, "weight_decay": weight_decay, "pretraining_epochs": model.pretraining_epochs,
+        "eta": eta, "n_epochs_kl_warmup": n_epochs_kl_warmup, **run.params(model, key_added), **setup, **extra,
     }  # fmt: skip
     record = model.uns_record(params, store_model=run.store_model)
     embeddings = model.get_conditional_embeddings()

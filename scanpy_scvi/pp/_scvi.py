@@ -161,10 +161,8 @@ def scvi(
         loadings_key = "ldvae_loadings" if key_added == "X_scvi" else f"{uns_key}_loadings"
         adata.uns[loadings_key] = model.get_loadings()
     params = dict(
-        max_epochs=run.max_epochs, lr=lr, train_size=train_size, batch_size=batch_size, early_stopping=early_stopping,
-        labels_key=labels_key, use_highly_variable_genes=run.use_highly_variable_genes,
-        genes_from="subset_genes" if run.subset_genes is not None else "highly_variable" if run.use_highly_variable_genes else "all",
-        random_state=run.random_state, key_added=key_added, **SetupArguments(**setup_args).to_dict(), **extra_train,
+        lr=lr, train_size=train_size, batch_size=batch_size, early_stopping=early_stopping, labels_key=labels_key,
+        **run.params(model, key_added), **SetupArguments(**setup_args).to_dict(), **extra_train,
     )  # fmt: skip
     adata.uns[uns_key] = model.uns_record(params, store_model=run.store_model)
     outputs = f"'{key_added}'" + (f", '{key_added}_denoised', '{key_added}_sample_rate'" if expression else "")

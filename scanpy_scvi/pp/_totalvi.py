@@ -138,11 +138,10 @@ def totalvi(
     params = dict(
         protein_expression_obsm_key=protein_expression_obsm_key, protein_names_uns_key=protein_names_uns_key,
         labels_key=labels_key, empirical_protein_background_prior=empirical_protein_background_prior,
-        override_missing_proteins=override_missing_proteins, max_epochs=model.train_config["max_epochs"], lr=lr,
-        train_size=train_size, batch_size=batch_size, early_stopping=early_stopping,
-        reduce_lr_on_plateau=reduce_lr_on_plateau, adversarial_classifier=model.adversarial_classifier,
-        use_highly_variable_genes=run.use_highly_variable_genes,
-        random_state=run.random_state, key_added=key_added, **SetupArguments(**setup_args).to_dict(),
+        override_missing_proteins=override_missing_proteins, lr=lr, train_size=train_size, batch_size=batch_size,
+        early_stopping=early_stopping, reduce_lr_on_plateau=reduce_lr_on_plateau,
+        adversarial_classifier=model.adversarial_classifier, **run.params(model, key_added),
+        **SetupArguments(**setup_args).to_dict(),
     )  # fmt: skip
     record = model.uns_record(params, store_model=run.store_model)
     record["protein_names"] = np.asarray(model.setup.protein_names, dtype=object)

@@ -98,10 +98,9 @@ def trvae(
     adata.obsm[key_added] = latent
     setup = setup_params(setup_args, model)
     params = {
-        "max_epochs": model.train_config["max_epochs"], "lr": lr, "train_size": train_size, "batch_size": batch_size,
-        "early_stopping": early_stopping, "weight_decay": weight_decay, "n_epochs_kl_warmup": n_epochs_kl_warmup,
-        "balanced_sampling": balanced_sampling, "use_highly_variable_genes": run.use_highly_variable_genes,
-        "random_state": run.random_state, "key_added": key_added, **setup, **extra,
+        "lr": lr, "train_size": train_size, "batch_size": batch_size, "early_stopping": early_stopping,
+        "weight_decay": weight_decay, "n_epochs_kl_warmup": n_epochs_kl_warmup, "balanced_sampling": balanced_sampling,
+        **run.params(model, key_added), **setup, **extra,
     }  # fmt: skip
     adata.uns[uns_key] = model.uns_record(params, store_model=run.store_model)
     logg.info("    finished", time=start, deep=f"added\n    '{key_added}' (adata.obsm)\n    '{uns_key}' (adata.uns)")
