@@ -138,8 +138,8 @@ def gene_program_enrichment(
     DataFrame: one row per group and program, ``group``, ``program``, ``p_h0`` (P(group >
     comparison)), ``p_h1``, ``bf``, the program's ``direction`` and ``direction_confidence``
     (see :meth:`~scanpy_scvi.EXPIMAP.programs`), sorted by group and decreasing ``bf``. With
-    ``use_directions``, a warning names the programs whose Bayes factor is strong (``|bf| >
-    log 10``) but whose direction is a coin flip (``direction_confidence < 0.1``).
+    ``use_directions``, a warning names the programs whose Bayes factor is strong
+    (``abs(bf) > log(10)``) but whose direction is a coin flip (``direction_confidence < 0.1``).
     """
     from scipy.special import erfc
 
