@@ -413,11 +413,12 @@ def compare(ours: dict, theirs: dict) -> dict:
     return out
 
 
-def print_report(info: dict, setup: dict, results: dict, ratios: dict) -> None:
+def print_header(title: str, info: dict, setup: dict, *, width: int) -> None:
+    """The report's title and the run's machine, device, load, commit and versions."""
     print()
-    print("=" * 96)
-    print("scanpy-scvi vs scvi-tools: scVI on the same data")
-    print("=" * 96)
+    print("=" * width)
+    print(title)
+    print("=" * width)
     print(f"machine      : {info['cpu_model']}; {info['logical_cpus']} logical CPUs ({info['usable_cpus']} usable)")
     print(
         f"torch threads: {info['torch_threads']} (requested {info['torch_threads_requested']}), "
@@ -432,6 +433,10 @@ def print_report(info: dict, setup: dict, results: dict, ratios: dict) -> None:
     g = info["git"]
     print(f"repository   : commit {g['commit']}, scanpy_scvi/ modified: {g['scanpy_scvi_dirty']}")
     print("versions     : " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+
+
+def print_report(info: dict, setup: dict, results: dict, ratios: dict) -> None:
+    print_header("scanpy-scvi vs scvi-tools: scVI on the same data", info, setup, width=96)
     print(f"dataset      : {setup['dataset']} ({setup['n_cells']} cells x {setup['n_genes_total']} genes)")
     print(
         f"setup        : {setup['n_hvg']} HVGs (seurat_v3, batch_key='batch'), {setup['n_batches']} batches, "

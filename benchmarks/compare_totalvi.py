@@ -60,6 +60,7 @@ from compare_scvi_tools import (
     latent_checks,
     load_average,
     machine_info,
+    print_header,
     rel_pct,
     repeated,
     timed_latent,
@@ -512,24 +513,7 @@ def verdict(ok: bool) -> str:
 
 
 def print_report(info: dict, setup: dict, results: dict, ratios: dict, notes: list[str]) -> None:
-    print()
-    print("=" * 100)
-    print("scanpy-scvi vs scvi-tools: totalVI on the same CITE-seq data")
-    print("=" * 100)
-    print(f"machine      : {info['cpu_model']}; {info['logical_cpus']} logical CPUs ({info['usable_cpus']} usable)")
-    print(
-        f"torch threads: {info['torch_threads']} (requested {info['torch_threads_requested']}), "
-        f"interop {info['torch_interop_threads']}"
-    )
-    print(
-        f"device       : {setup['device']} ({info.get('gpu') or 'no GPU'}); ours' counts on device: "
-        f"{setup['counts_on_device']}"
-    )
-    print(f"load average : start {setup['loadavg_start']}, end {setup['loadavg_end']}")
-    print(f"platform     : {info['platform']}, Python {info['python']}")
-    g = info["git"]
-    print(f"repository   : commit {g['commit']}, scanpy_scvi/ modified: {g['scanpy_scvi_dirty']}")
-    print("versions     : " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    print_header("scanpy-scvi vs scvi-tools: totalVI on the same CITE-seq data", info, setup, width=100)
     sub = f", subsampled to {setup['n_cells']}" if setup["max_cells"] else ""
     print(f"dataset      : {setup['dataset']} ({setup['n_cells_file']} cells{sub} x {setup['n_genes_total']} genes)")
     print(
