@@ -30,6 +30,25 @@ def test_block_epoch_covers_every_cell_once_from_few_blocks():
     assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
 
 
+def test_weighted_block_epoch_reads_the_drawn_cells_by_blocks():
+    """trVAE's balanced sampling on disk: the epoch is the weighted draw (duplicates included,
+    zero-weight cells never), read by blocks."""
+    cells = np.arange(0, 6_000, 2)
+    weights = np.where(cells < 1_000, 5.0, 1.0) * (cells % 10 != 4)  # some cells never drawn
+    weights /= weights.sum()
+    batches = epoch_minibatches(
+        cells, np.random.default_rng(7), 64, blocks=True, block_rows=100, buffer_blocks=4, weights=weights
+    )
+    seen = np.concatenate(batches)
+    drawn = np.random.default_rng(7).choice(cells, size=len(cells), p=weights)
+    assert np.array_equal(np.sort(seen), np.sort(drawn))
+    assert len(np.unique(seen)) < len(seen) and not np.any(seen % 10 == 4)
+    assert all(len(np.unique(b // 100)) <= 8 for b in batches)  # one buffer (two at a seam)
+    # in memory the same draw is the epoch, in the order drawn (as before)
+    memory = epoch_minibatches(cells, np.random.default_rng(7), 64, weights=weights)
+    assert np.array_equal(np.concatenate(memory), drawn)
+
+
 def test_block_epoch_deals_blocks_to_ranks_with_equal_steps():
     cells = np.arange(5_000)
     parts = [
@@ -90,6 +109,21 @@ def test_training_on_a_backed_file_reads_blocks_and_learns(tmp_path):
     elbo = model.history_["elbo_train"]
     assert np.all(np.isfinite(elbo)) and elbo[-1] < elbo[0]
     assert model.get_latent_representation().shape == (400, 3)
+    backed.file.close()
+
+
+def test_trvae_trains_on_a_backed_file_with_balanced_sampling(tmp_path):
+    import scanpy_scvi as ss
+
+    adata = make_adata(n_obs=400, n_vars=30, n_batches=3, random_state=4)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    model = ss.pp.trvae(backed, hidden_layer_sizes=(16,), n_latent=3, max_epochs=8, batch_size=64,
+                        use_highly_variable_genes=False, return_model=True, progress_bar=False)  # fmt: skip
+    assert backed.isbacked and model.train_config["balanced_sampling"]
+    elbo = model.history_["elbo_train"]
+    assert np.all(np.isfinite(elbo)) and elbo[-1] < elbo[0]
+    assert backed.obsm["X_trvae"].shape == (400, 3)
     backed.file.close()
 
 

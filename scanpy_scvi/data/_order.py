@@ -50,19 +50,20 @@ def epoch_minibatches(
     ``blocks=True``: :func:`block_order`; each rank takes every ``world_size``-th block and cuts
     its cells into as many minibatches as the rank with the fewest cells makes (DDP needs the
     same number of steps on every rank), each of about ``batch_size`` cells.
-    ``weights`` (probabilities over ``cells``; in memory only): the epoch is ``len(cells)`` cells
-    drawn with replacement by these probabilities, in the order drawn.
+    ``weights`` (probabilities over ``cells``): the epoch is ``len(cells)`` cells drawn with
+    replacement by these probabilities; in memory in the order drawn, on disk read by blocks as
+    above (a cell drawn twice comes twice, blocks without a drawn cell are not read).
     Every rank draws the same numbers from ``rng``.
     """
-    if weights is not None and blocks:
-        msg = "Weighted sampling (e.g. trVAE's balanced_sampling) needs the counts in memory, not backed on disk."
-        raise ValueError(msg)
+    drawn = None if weights is None else rng.choice(cells, size=len(cells), p=weights)
     if not blocks:
-        perm = rng.permutation(cells) if weights is None else rng.choice(cells, size=len(cells), p=weights)
+        perm = rng.permutation(cells) if drawn is None else drawn
         if world_size == 1:
             return minibatches(perm, batch_size)
         whole = minibatches(perm, batch_size * world_size, min_size=3 * world_size)
         return [np.array_split(b, world_size)[rank] for b in whole]
+    if drawn is not None:
+        cells = np.sort(drawn)
     block_of = cells // block_rows
     ids, starts, counts = np.unique(block_of, return_index=True, return_counts=True)
     order = rng.permutation(len(ids))

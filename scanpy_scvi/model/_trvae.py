@@ -119,7 +119,9 @@ class TRVAE(SCVI):
         balanced_sampling
             Draw each epoch's cells with replacement, every condition equally often (scArches'
             stratified sampling, its default), so that minibatches hold the conditions the MMD
-            compares; ``False``: every training cell once per epoch. Needs the counts in memory.
+            compares; ``False``: every training cell once per epoch. On counts backed on disk
+            the draws are read by blocks, so a minibatch holds the conditions of a few blocks:
+            shuffle the file's rows once for well-mixed minibatches (:doc:`/large-data`).
         **kwargs
             Every other argument of :meth:`SCVI.train` (``max_kl_weight`` is scArches' ``alpha_kl``).
         """
