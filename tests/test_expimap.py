@@ -297,7 +297,7 @@ def test_bad_new_programs_raise_and_leave_the_query_unchanged():
         ss.tl.map_query(query, model, new_programs_soft_mask=True, max_epochs=0)
     trvae = ss.TRVAE(ref, batch_key="batch", n_latent=2)
     trvae.train(1, progress_bar=False)
-    with pytest.raises(ValueError, match="new_programs: not an option for a trVAE"):
+    with pytest.raises(ValueError, match="new_programs: not an option of trVAE references"):
         ss.tl.map_query(query, trvae, new_programs={"NEW": list(data.var_names[:5])}, max_epochs=0)
     assert_unchanged(query, snap)
 

@@ -178,7 +178,7 @@ def test_map_query_trains_only_new_embedding_rows_and_adds_new_cell_types():
     assert not torch.equal(qm.module.prototypes[2], torch.zeros(4))
     trvae = ss.TRVAE(ref, batch_key="batch", n_latent=4)
     trvae.train(1, progress_bar=False)
-    with pytest.raises(ValueError, match="labeled_indices: not an option for a trVAE reference"):
+    with pytest.raises(ValueError, match="labeled_indices: not an option of trVAE references"):
         ss.tl.map_query(query.copy(), trvae, labeled_indices=[0], max_epochs=0)
 
 

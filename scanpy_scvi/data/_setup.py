@@ -336,13 +336,13 @@ def _check_counts_and_library(X, gene_idx: np.ndarray | None, check_counts: bool
             block = block.toarray()
         values = block.data if sp.issparse(block) else np.asarray(block)
         if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
-            msg = f"{where} has dtype {values.dtype}; scVI needs numeric raw counts."
+            msg = f"{where} has dtype {values.dtype}; the model needs numeric raw counts."
             raise TypeError(msg)
         if values.size:
             if not np.all(np.isfinite(values)):
                 msg = (
                     f"{where} contains NaN or infinite values in the model's genes. "
-                    "scVI needs raw counts; fix or remove those entries."
+                    "The model needs raw counts; fix or remove those entries."
                 )
                 raise ValueError(msg)
             if values.min() < 0:
@@ -356,7 +356,7 @@ def _check_counts_and_library(X, gene_idx: np.ndarray | None, check_counts: bool
                 if frac.size:
                     msg = (
                         f"{where} contains non-integer values (e.g. {frac[0]:.4g}): it looks normalised or "
-                        "log-transformed. scVI models raw counts: pass the layer holding them "
+                        "log-transformed. The model needs raw counts: pass the layer holding them "
                         "(e.g. `layer='counts'`), or `check_counts=False` if your counts are legitimately "
                         "non-integer (e.g. SoupX-corrected)."
                     )
@@ -365,7 +365,7 @@ def _check_counts_and_library(X, gene_idx: np.ndarray | None, check_counts: bool
     empty = int(np.sum(library <= 0))
     if empty:
         msg = (
-            f"{empty} of {n_obs} cells have zero total counts in the model's genes; scVI's library "
+            f"{empty} of {n_obs} cells have zero total counts in the model's genes; the library "
             "size log(total) is undefined for them. Filter them first, e.g. "
             "`adata = adata[np.asarray(adata[:, genes].X.sum(1)).ravel() > 0].copy()` with the model's "
             "genes (or `sc.pp.filter_cells(adata, min_counts=1)` when all genes are used)."

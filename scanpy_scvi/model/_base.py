@@ -260,7 +260,7 @@ class BaseModel:
         from the model-specific ``options`` of ``tl.map_query`` (none here). Query cells are
         unlabelled: the label codes are dropped unless a dispersion per label needs them."""
         if options:
-            msg = f"{', '.join(options)}: not an option for a {self.name} reference."
+            msg = f"{', '.join(options)}: not an option of {self.name} references."
             raise ValueError(msg)
         per_label = any(str(v).endswith("-label") for v in self.architecture.to_dict().values())
         unlabelled = self.setup.unlabeled_category is not None or not per_label
