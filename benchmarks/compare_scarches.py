@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_scvi_tools import load_average, machine_info
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-DATA = SHARED / "pbmc_multistudy_5batch_14989cells_2003genes.h5ad"
+DATA = "pbmc_multistudy_5batch_14989cells_2003genes.h5ad"
 UNLABELLED = ("unknown", "other")  # not scored in label transfer
 
 
@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=50, help="reference training epochs (both systems)")
     p.add_argument("--query-epochs", type=int, default=40, help="query training epochs (both systems)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", type=Path, default=SHARED, help="folder of the datasets (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="ours: 'cpu' or 'cuda' (scArches takes CUDA when it finds it)")
     p.add_argument("--systems", default="scanpy-scvi,scArches",
                    help="comma-separated: both (default), or one of them (e.g. ours alone across seeds)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
@@ -59,16 +61,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- data ---------------------------------------------------------------------------------------------------
-def load(query_batch: str):
+def load(args):
     import anndata as ad
 
-    adata = ad.read_h5ad(DATA)
+    query_batch = args.query_batch
+    adata = ad.read_h5ad(args.data_dir / DATA)
     adata.X = adata.X.toarray().astype(np.float32)  # scArches reads dense float32 counts
     for key in ("batch", "cell_type"):
         adata.obs[key] = adata.obs[key].astype(str).astype("category")
     is_query = (adata.obs["batch"] == query_batch).to_numpy()
     if not is_query.any():
-        msg = f"--query-batch {query_batch!r} is not a batch of {DATA.name}: {sorted(adata.obs['batch'].unique())}."
+        msg = f"--query-batch {query_batch!r} is not a batch of {DATA}: {sorted(adata.obs['batch'].unique())}."
         raise SystemExit(msg)
     ref, query = adata[~is_query].copy(), adata[is_query].copy()
     for part in (ref, query):
@@ -157,14 +160,14 @@ def trvae_ours(ref, query, args) -> dict:
     t0 = time.perf_counter()
     model = scanpy_scvi.TRVAE(ref, batch_key="batch", random_state=args.seed, **arch)
     # scArches' schedule without early stopping: no learning-rate reduction either (it is part of its early stopping)
-    model.train(args.epochs, early_stopping=False, reduce_lr_on_plateau=False, device="cpu", random_state=args.seed,
+    model.train(args.epochs, early_stopping=False, reduce_lr_on_plateau=False, device=args.device, random_state=args.seed,
                 progress_bar=False)  # fmt: skip
     train_seconds = time.perf_counter() - t0
     epochs_run = len(model.history_["elbo_train"])
     ref_latent = model.get_latent_representation()
     t0 = time.perf_counter()
     q = query.copy()
-    qm = scanpy_scvi.tl.map_query(q, model, max_epochs=args.query_epochs, weight_decay=0.04, device="cpu",
+    qm = scanpy_scvi.tl.map_query(q, model, max_epochs=args.query_epochs, weight_decay=0.04, device=args.device,
                                   random_state=args.seed, progress_bar=False, store_model=False)  # fmt: skip
     query_latent = q.obsm["X_trvae"]
     query_seconds = time.perf_counter() - t0
@@ -226,12 +229,12 @@ def scpoli_ours(ref, query, args) -> dict:
     model = scanpy_scvi.SCPOLI(ref, condition_keys="batch", cell_type_keys="cell_type", unknown_ct_names=list(UNLABELLED),
                                embedding_dims=10, n_latent=10, random_state=args.seed)  # fmt: skip
     model.train(args.epochs, pretraining_epochs=pre, eta=SCPOLI_ETA, early_stopping=False, reduce_lr_on_plateau=False,
-                device="cpu", random_state=args.seed, progress_bar=False)  # fmt: skip
+                device=args.device, random_state=args.seed, progress_bar=False)  # fmt: skip
     train_seconds = time.perf_counter() - t0
     ref_latent = model.get_latent_representation()
     t0 = time.perf_counter()
     q = query.copy()
-    scanpy_scvi.tl.map_query(q, model, max_epochs=args.query_epochs, weight_decay=0.04, device="cpu",
+    scanpy_scvi.tl.map_query(q, model, max_epochs=args.query_epochs, weight_decay=0.04, device=args.device,
                              random_state=args.seed, progress_bar=False, store_model=False)  # fmt: skip
     query_seconds = time.perf_counter() - t0
     out = summarise(ref, query, ref_latent, q.obsm["X_scpoli"], train_seconds, len(model.history_["elbo_train"]),
@@ -241,21 +244,21 @@ def scpoli_ours(ref, query, args) -> dict:
 
 
 # -- expiMap ------------------------------------------------------------------------------------------------
-KANG = SHARED / "kang2018_ifnb_pbmc_2k.h5ad"
-HALLMARK = SHARED / "msigdb_h.all.v7.0.symbols.gmt"
+KANG = "kang2018_ifnb_pbmc_2k.h5ad"
+HALLMARK = "msigdb_h.all.v7.0.symbols.gmt"
 INTERFERON = ("INTERFERON_ALPHA_RESPONSE", "INTERFERON_GAMMA_RESPONSE")
 
 
-def load_interferon(_query_batch: str):
+def load_interferon(args):
     """expiMap's demonstration: reference = the non-Kang PBMC studies, query = Kang CTRL + STIM as one
     study; genes shared by both; hallmark programs (scArches' add_annotations rule, clean names)."""
     import anndata as ad
 
     import scanpy_scvi
 
-    ref = ad.read_h5ad(DATA)
+    ref = ad.read_h5ad(args.data_dir / DATA)
     ref = ref[~ref.obs["batch"].astype(str).str.startswith("kang")].copy()
-    query = ad.read_h5ad(KANG)
+    query = ad.read_h5ad(args.data_dir / KANG)
     genes = ref.var_names.intersection(query.var_names)
     ref, query = ref[:, genes].copy(), query[:, genes].copy()
     for part in (ref, query):
@@ -264,7 +267,7 @@ def load_interferon(_query_batch: str):
     ref.obs["batch"], ref.obs["cell_type"] = ref.obs["study"], ref.obs["cell_type"].astype(str).astype("category")
     query.obs["condition"] = query.obs["batch"].astype(str)
     query.obs["study"] = pd_category("kang2018", query.n_obs)
-    scanpy_scvi.tl.add_gene_programs(ref, HALLMARK, min_genes=12, clean=True)
+    scanpy_scvi.tl.add_gene_programs(ref, args.data_dir / HALLMARK, min_genes=12, clean=True)
     query.varm["I"] = ref.varm["I"]
     query.uns["terms"] = ref.uns["terms"]
     return ref, query
@@ -312,14 +315,14 @@ def expimap_ours(ref, query, args) -> dict:
 
     t0 = time.perf_counter()
     model = scanpy_scvi.EXPIMAP(ref, condition_key="study", random_state=args.seed)
-    model.train(args.epochs, alpha=0.7, early_stopping=False, reduce_lr_on_plateau=False, device="cpu",
+    model.train(args.epochs, alpha=0.7, early_stopping=False, reduce_lr_on_plateau=False, device=args.device,
                 random_state=args.seed, progress_bar=False)  # fmt: skip
     train_seconds = time.perf_counter() - t0
     ref_latent = model.get_latent_representation()
     t0 = time.perf_counter()
     q = query.copy()
     scanpy_scvi.tl.map_query(q, model, batch_key="study", max_epochs=args.query_epochs, weight_decay=0.04,
-                             device="cpu", random_state=args.seed, progress_bar=False)  # fmt: skip
+                             device=args.device, random_state=args.seed, progress_bar=False)  # fmt: skip
     query_seconds = time.perf_counter() - t0
     table = scanpy_scvi.tl.gene_program_enrichment(q, groupby="condition", comparison="CTRL", only_active=False)
     stim = table[table["group"] == "STIM"]
@@ -376,7 +379,7 @@ def main(argv=None) -> int:
     results = {}
     for name in args.models.split(","):
         ours_fn, theirs_fn, loader = MODELS[name]
-        ref, query = loader(args.query_batch)
+        ref, query = loader(args)
         print(f"{name}: reference {ref.n_obs} cells ({', '.join(ref.obs['batch'].cat.categories)}), query {query.n_obs} "
               f"cells, {ref.n_vars} genes, {args.epochs} + {args.query_epochs} epochs", flush=True)  # fmt: skip
         results[name] = {}

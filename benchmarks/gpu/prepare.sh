@@ -6,7 +6,7 @@
 #
 # - .whl/      wheels for Python 3.12 / x86-64 of the packages a typical CUDA image lacks
 #              (scanpy, anndata, scvi-tools and their missing dependencies), about 14 MB;
-# - .gpudata/  the datasets the comparisons read (from ../shared/data), about 20 MB.
+# - .gpudata/  the datasets the comparisons read (from ../shared/data), about 35 MB.
 # Both are kept out of git (add "/.whl/" and "/.gpudata/" to .git/info/exclude). Copy the
 # repository with them to the node, then run benchmarks/gpu/run.sh there.
 set -euo pipefail
@@ -36,7 +36,8 @@ done
   "${PLATFORMS[@]}" -d "$WHEELS" "${PACKAGES[@]}"
 "$PY" -m pip wheel -q --no-deps -w "$WHEELS" docrep==0.3.2  # published as a source archive only
 
-for f in kang2018_lupus_pbmc_8k_2511genes.h5ad pbmc10k_5k_cite_2batch_10849cells_4000genes_9prot.h5ad; do
+for f in kang2018_lupus_pbmc_8k_2511genes.h5ad pbmc10k_5k_cite_2batch_10849cells_4000genes_9prot.h5ad \
+  pbmc_multistudy_5batch_14989cells_2003genes.h5ad kang2018_ifnb_pbmc_2k.h5ad msigdb_h.all.v7.0.symbols.gmt; do
   cp "$SHARED/$f" "$DATA/"
 done
 du -sh "$WHEELS" "$DATA"

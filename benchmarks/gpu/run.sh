@@ -7,7 +7,9 @@
 # 2. `pytest -m gpu` (the CUDA tests; they skip on machines without a GPU);
 # 3. scVI, ours vs scvi-tools 1.4.2 on the same card, same settings (compare_scvi_tools.py),
 #    and ours again with minibatches built on the host (--counts-on-device off);
-# 4. totalVI, ours vs scvi-tools on the same card (compare_totalvi.py).
+# 4. totalVI, ours vs scvi-tools on the same card (compare_totalvi.py);
+# 5. trVAE, scPoli and expiMap, ours alone on the card (compare_scarches.py; scArches is not
+#    among the wheels: compare with its CPU figures in RESULTS.md).
 # Every step has its own time limit and log; a failing step does not stop the others.
 # Figures: RESULTS_DIR/*.json, the output in RESULTS_DIR/run.log; the summary is printed at the end.
 set -u
@@ -47,4 +49,6 @@ step scvi_cuda_host_minibatches 150 "$PY" benchmarks/compare_scvi_tools.py --dev
   --json "$RESULTS/scvi_cuda_host.json"
 step totalvi_cuda 300 "$PY" benchmarks/compare_totalvi.py --device "$DEVICE" --epochs "$EPOCHS" \
   --dataset .gpudata/pbmc10k_5k_cite_2batch_10849cells_4000genes_9prot.h5ad --json "$RESULTS/totalvi_cuda.json"
+step scarches_family_cuda 480 "$PY" benchmarks/compare_scarches.py --systems scanpy-scvi --device "$DEVICE" \
+  --epochs "$EPOCHS" --query-epochs 40 --data-dir .gpudata --json "$RESULTS/scarches_family_cuda.json"
 echo "== summary"; cat "$RESULTS/steps.txt"
