@@ -99,6 +99,19 @@ def test_counts_held_on_the_gpu_train_like_the_host_path(gpu_adata, monkeypatch)
         np.testing.assert_allclose(histories[None][key], histories[False][key], rtol=2e-3)
 
 
+def test_trvae_step_with_its_mmd_is_captured_and_trains_like_the_host_path(gpu_adata, monkeypatch):
+    replays = _count_replays(monkeypatch)
+    histories = {}
+    for on_device in (False, None):  # None: counts on the GPU, the step (MMD included) a CUDA graph
+        model = ss.TRVAE(gpu_adata, batch_key="batch", hidden_layer_sizes=(32,), n_latent=4)
+        model.train(max_epochs=6, device="cuda", counts_on_device=on_device, progress_bar=False)
+        histories[on_device] = model.history_
+    assert replays[0] > 0
+    for key in ("elbo_train", "elbo_validation", "mmd_train"):
+        np.testing.assert_allclose(histories[None][key], histories[False][key], rtol=2e-3, atol=1e-6)
+    assert all(isinstance(v, float) for v in histories[None]["mmd_train"])
+
+
 def test_totalvi_on_cuda_with_and_without_the_captured_step(gpu_adata, monkeypatch):
     adata = gpu_adata.copy()
     rng = np.random.default_rng(0)

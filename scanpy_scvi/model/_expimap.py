@@ -296,6 +296,8 @@ class ProximalObjective(MMDObjective):
     """expiMap's loss (trVAE's, without MMD) with the proximal steps after every optimiser step,
     thresholds scaled by the current learning rate (scArches)."""
 
+    capturable = False  # the proximal steps are hooks after every optimiser step
+
     def __init__(self, alpha: float, alpha_l1: float, gamma_ext: float = 0.0, hsic_weight: float = 0.0):
         super().__init__(with_mmd=False)
         self.alpha, self.alpha_l1, self.gamma_ext, self.hsic_weight = alpha, alpha_l1, gamma_ext, hsic_weight

@@ -385,6 +385,8 @@ class PrototypeObjective(MMDObjective):
     prototype loss of the minibatch; prototypes are recomputed at every later epoch start.
     The history gains ``prototype_loss_*``."""
 
+    capturable = False  # prototypes recomputed at epoch starts; the prototype term starts mid-training
+
     def __init__(self, model: SCPOLI, bound: BoundData, train_idx: np.ndarray):
         super().__init__(with_mmd=several_conditions(bound, train_idx))
         self.model, self.bound, self.train_idx = model, bound, train_idx

@@ -204,8 +204,6 @@ def several_conditions(bound: BoundData, idx: np.ndarray) -> bool:
 class MMDObjective(Objective):
     """trVAE's loss (the module's, MMD included); the history gains ``mmd_*`` (beta x MMD per minibatch)."""
 
-    capturable = False  # reads the MMD on the host at every step
-
     def __init__(self, with_mmd: bool = True):
         self.with_mmd = with_mmd  # False when the cells come from one condition (e.g. one query batch)
 
@@ -217,5 +215,5 @@ class MMDObjective(Objective):
         """The :class:`Terms` of the module's loss output."""
         n = out["reconstruction_loss"].shape[0]
         return Terms(
-            out["loss"], out["reconstruction_loss"], out["kl_z"], extra={"mmd": (float(out["mmd"].detach()) * n, n)}
+            out["loss"], out["reconstruction_loss"], out["kl_z"], extra={"mmd": (out["mmd"].detach().double() * n, n)}
         )

@@ -276,7 +276,7 @@ class Sums:
         self._sums = step if self._sums is None else self._sums + step
         for name, (total, count) in terms.extra.items():
             acc = self.extra.setdefault(name, [0.0, 0])
-            acc[0] += total
+            acc[0] = acc[0] + (total.detach().double() if isinstance(total, torch.Tensor) else total)
             acc[1] += count
 
     def reduce(self, distributed: Distributed) -> None:
@@ -287,7 +287,7 @@ class Sums:
             [
                 torch.tensor([float(self.n)], dtype=torch.float64),
                 sums.detach().cpu(),
-                torch.tensor([v for name in names for v in self.extra[name]], dtype=torch.float64),
+                torch.tensor([float(v) for name in names for v in self.extra[name]], dtype=torch.float64),
             ]
         ).to(distributed.device)
         total = distributed.sum(local).cpu()
@@ -324,5 +324,5 @@ class Sums:
             f"{split}_loss": self.loss / self.n,
         }
         for name, (total, count) in self.extra.items():
-            m[f"{name}_{split}"] = total / count if count else math.nan
+            m[f"{name}_{split}"] = float(total) / count if count else math.nan
         return m

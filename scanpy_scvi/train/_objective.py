@@ -32,13 +32,14 @@ class Terms:
     ``loss`` is minimised; ``reconstruction`` and ``kl`` are per-cell (their sum is the
     negative ELBO, recorded as ``elbo_<split>``); ``extra`` maps a metric name to ``(sum,
     count)`` over this minibatch, recorded as ``<name>_<split>`` = total sum / total count
-    (NaN when the count is 0).
+    (NaN when the count is 0). A sum given as a 0-d tensor is added up on the device (no
+    host read per step, so a captured step can produce it).
     """
 
     loss: torch.Tensor
     reconstruction: torch.Tensor
     kl: torch.Tensor
-    extra: dict[str, tuple[float, int]] = field(default_factory=dict)
+    extra: dict[str, tuple[float | torch.Tensor, int]] = field(default_factory=dict)
 
 
 @dataclass
