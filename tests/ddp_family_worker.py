@@ -10,12 +10,12 @@ the history.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
 import anndata as ad
 import torch
+from ddp_worker import state_hash  # this script's folder is on sys.path
 
 import scanpy_scvi as ss
 from scanpy_scvi.train import rank
@@ -35,11 +35,8 @@ def main() -> None:
         adata, batch_key="batch", max_epochs=4, use_highly_variable_genes=False, strategy="ddp", device="cpu",
         progress_bar=False, return_model=True, **OWN[args.model],
     )  # fmt: skip
-    h = hashlib.sha256()
-    for t in model.module.state_dict().values():
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"final_state": h.hexdigest(), "history": model.history_}
+    record = {"final_state": state_hash(model.module.state_dict().values()), "history": model.history_}
     (args.out / f"rank{rank()}.json").write_text(json.dumps(record))
 
 

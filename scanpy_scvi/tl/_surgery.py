@@ -53,8 +53,8 @@ def map_query(
     The reference's weights are frozen; the query's batches become new batch categories whose
     weights (and the library encoder, and the decoder's batch-norm scale and shift) are the only
     ones trained. A new batch's weights start at the mean of the reference batches' (the query
-    is first embedded as a typical reference batch). The reference data is not needed (except for kNN label transfer from a scVI
-    reference), and the reference model is not modified.
+    is first embedded as a typical reference batch). The reference data is not needed (except
+    for kNN label transfer from a scVI reference), and the reference model is not modified.
 
     Parameters
     ----------
