@@ -54,9 +54,10 @@ class BaseModel:
     module_class: ClassVar[type[nn.Module]]
     _classes: ClassVar[dict[str, type[BaseModel]]] = {}
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, *, register: bool = True, **kwargs):
         super().__init_subclass__(**kwargs)
-        BaseModel._classes[cls.__name__] = cls  # model files name their class
+        if register:  # model files name their class; the doors of scanpy_scvi.compat pass register=False
+            BaseModel._classes[cls.__name__] = cls
 
     # -- assembly ----------------------------------------------------------------------------------
     def _assemble(
