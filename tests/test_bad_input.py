@@ -137,11 +137,6 @@ def test_missing_keys(no_training):
     _expect(adata, KeyError, "not found", continuous_covariate_keys=["nope"])
     _expect(adata, KeyError, "not found", size_factor_key="nope")
     _expect(adata, KeyError, "layer='raw' not found", layer="raw")
-    hvg = {**FAST, "use_highly_variable_genes": True}
-    snap = snapshot(adata)
-    with pytest.raises(KeyError, match="highly_variable_genes"):
-        ss.pp.scvi(adata, **hvg)
-    assert_unchanged(adata, snap)
 
 
 def test_nan_in_batch_column(no_training):

@@ -196,8 +196,10 @@ def test_epoch_aliases(adata):
 
 def test_hvg_selection(adata):
     snap_vars = adata.var_names.copy()
-    with pytest.raises(KeyError, match="highly_variable_genes"):
-        ss.pp.scvi(adata, max_epochs=1, progress_bar=False)
+    # without the column, all genes with a warning (scanpy.external.pp.scvi's behaviour)
+    with pytest.warns(UserWarning, match="highly_variable_genes"):
+        model = ss.pp.scvi(adata, n_hidden=16, n_latent=3, max_epochs=1, progress_bar=False)
+    assert model.setup.genes == list(adata.var_names)
     sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=30)
     model = ss.pp.scvi(adata, n_hidden=16, n_latent=3, max_epochs=1, progress_bar=False)
     hv = list(adata.var_names[adata.var["highly_variable"]])

@@ -377,14 +377,44 @@ class SCVI(BaseModel):
         G = len(self.setup.genes)
 
         def draws_in(code):
-            with self.inference_mode():
-                for _, t in self.minibatches(bound, idx, batch_size, encoder_only=True):
-                    inf = self.module.inference(t, n_samples=n_samples)
-                    gen = self.module.generative(inf["z"], inf["library"], t, transform_batch=code)
-                    mean = rna_size_factor * gen["px_scale"]
-                    theta = gen["theta"].expand_as(mean)
-                    draws = torch.distributions.Gamma(theta, theta / mean).sample()
-                    yield to_numpy(draws).reshape(-1, G).astype(np.float64)
+            for draws in self._denoised_draws(bound, idx, n_samples, batch_size, rna_size_factor, code):
+                yield draws.reshape(-1, G).astype(np.float64)
 
         mats = [sample_correlation(draws_in(code), G, correlation_type) for code in self.batch_codes(transform_batch)]
         return pd.DataFrame(np.mean(mats, axis=0), index=self.setup.genes, columns=self.setup.genes)
+
+    def get_denoised_samples(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        n_samples: int = 25,
+        batch_size: int | None = None,
+        rna_size_factor: int = 1000,
+        transform_batch=None,
+    ) -> np.ndarray:
+        """Denoised expression draws, (cells, genes, n_samples): for each posterior draw of z,
+        one draw of Gamma(theta, theta / (rna_size_factor x frequencies)), decoded in batch
+        ``transform_batch`` (one category or code; ``None``: each cell's own). These are the
+        samples behind :meth:`get_feature_correlation_matrix`."""
+        check_positive_int(n_samples=n_samples)
+        bound, idx = self.select(adata, indices)
+        codes = self.batch_codes(transform_batch)
+        if len(codes) != 1:
+            msg = "get_denoised_samples decodes in one batch: pass a single transform_batch (or None)."
+            raise ValueError(msg)
+        blocks = [
+            np.moveaxis(draws.reshape(n_samples, -1, len(self.setup.genes)), 0, -1)
+            for draws in self._denoised_draws(bound, idx, n_samples, batch_size, rna_size_factor, codes[0])
+        ]
+        return np.concatenate(blocks) if blocks else np.empty((0, len(self.setup.genes), n_samples), np.float32)
+
+    def _denoised_draws(self, bound, idx, n_samples, batch_size, rna_size_factor, code):
+        """Per minibatch, the Gamma draws of :meth:`get_denoised_samples`, (samples, cells, genes)
+        (without the samples axis for one sample)."""
+        with self.inference_mode():
+            for _, t in self.minibatches(bound, idx, batch_size, encoder_only=True):
+                inf = self.module.inference(t, n_samples=n_samples)
+                gen = self.module.generative(inf["z"], inf["library"], t, transform_batch=code)
+                mean = rna_size_factor * gen["px_scale"]
+                theta = gen["theta"].expand_as(mean)
+                yield to_numpy(torch.distributions.Gamma(theta, theta / mean).sample())

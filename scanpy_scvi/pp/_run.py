@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._compat import warn
 from .._settings import Settings, setting
 
 if TYPE_CHECKING:
@@ -47,8 +48,8 @@ class RunArguments(Settings):
     )
     use_highly_variable_genes: bool = setting(
         True,
-        "Train on ``adata.var['highly_variable']`` (run :func:`scanpy.pp.highly_variable_genes` first). "
-        "``False``: all genes.",
+        "Train on ``adata.var['highly_variable']`` (run :func:`scanpy.pp.highly_variable_genes` first; without "
+        "that column, all genes with a warning, as ``scanpy.external.pp.scvi``). ``False``: all genes.",
     )
     subset_genes: Sequence[str] | Sequence[int] | np.ndarray | None = setting(
         None, "Gene names, integer positions or a boolean mask of the genes to train on; overrides the HVG choice."
@@ -174,12 +175,14 @@ def select_genes(adata: AnnData, use_highly_variable_genes: bool, subset_genes) 
     if not use_highly_variable_genes:
         return list(names)
     if "highly_variable" not in adata.var.columns:
-        msg = (
-            "adata.var['highly_variable'] not found. Run `sc.pp.highly_variable_genes(adata, ...)` first "
-            "(on counts: flavor='seurat_v3', layer='counts'), pass `subset_genes=`, or "
-            "`use_highly_variable_genes=False` to train on all genes."
+        # scanpy.external.pp.scvi's documented behaviour, which its users' code relies on
+        warn(
+            f"adata.var has no 'highly_variable' column: training on all {adata.n_vars} genes, as "
+            "scanpy.external.pp.scvi did. Run `sc.pp.highly_variable_genes(adata, ...)` first to train on the "
+            "highly variable genes (on counts: flavor='seurat_v3', layer='counts'), or pass "
+            "`use_highly_variable_genes=False` to train on all genes without this warning."
         )
-        raise KeyError(msg)
+        return list(names)
     hv = adata.var["highly_variable"]
     if hv.isna().any() or not pd.api.types.is_bool_dtype(hv):
         msg = "adata.var['highly_variable'] must be a boolean column without missing values."

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._compat import logg
 from .._settings import keyword_settings, split_settings
+from ..compat.scvi0 import Posterior, architecture_from_vae_kwargs, check_monitor, train_from_trainer_kwargs
 from ..data import SetupArguments
 from ..nn import VAEArchitecture
 from ._run import Run, RunArguments, check_key_added
@@ -29,15 +29,6 @@ REFERENCE_MAPPING: dict[str, Any] = {
     "n_layers": 2,
 }
 
-TRAINER_KWARGS = (
-    "weight_decay",
-    "eps",
-    "n_epochs_kl_warmup",
-    "min_kl_weight",
-    "max_kl_weight",
-    "early_stopping_patience",
-    "early_stopping_min_delta",
-)
 MEMORY_SHARE = 0.8  # dense outputs may take at most this share of the available memory
 
 
@@ -84,11 +75,19 @@ def scvi(
         warning; compute expression in chunks with ``model.get_normalized_expression(out=...)``).
         ``True`` insists (an error before training when they do not fit); ``False`` skips them.
     trainer_kwargs
-        Further training settings: ``weight_decay`` (1e-6), ``eps`` (0.01),
-        ``n_epochs_kl_warmup`` (400), ``min_kl_weight`` (0), ``max_kl_weight`` (1),
-        ``early_stopping_patience`` (45), ``early_stopping_min_delta`` (0).
+        Further training settings, by the names of the scvi 0.6 ``UnsupervisedTrainer`` that
+        the historical function passed them to (``train_size``, ``test_size``,
+        ``n_epochs_kl_warmup``, ``n_iter_kl_warmup``, ``frequency``, ``early_stopping_kwargs``,
+        ``data_loader_kwargs``, ``weight_decay``, ``batch_size``, ``seed``, ...) or by ours:
+        ``weight_decay`` (1e-6), ``eps`` (0.01), ``n_epochs_kl_warmup`` (400),
+        ``n_steps_kl_warmup``, ``min_kl_weight`` (0), ``max_kl_weight`` (1),
+        ``early_stopping_patience`` (45), ``early_stopping_min_delta`` (0),
+        ``reduce_lr_on_plateau``, ``lr_factor``, ``lr_patience``. docs/compat-scvi0.rst maps each
+        0.x name; one without a meaning here is an error that says why.
     model_kwargs
-        Architecture settings as a dict (historical spelling; each is also an argument).
+        Architecture settings as a dict: by the names of the scvi 0.6 ``VAE`` / ``LDVAE``
+        (``reconstruction_loss``, ``n_layers_encoder``, ``log_variational``, ...) or by ours
+        (each is also an argument).
     key_added
         ``obsm`` key of the latent space; the other outputs are named after it, and the
         ``uns`` entry is ``key_added`` without its ``'X_'`` prefix.
@@ -98,8 +97,10 @@ def scvi(
 
     Returns
     -------
-    The trained :class:`~scanpy_scvi.SCVI` (by default, as the historical function; ``return_model=False``
-    returns None); the AnnData copy if ``copy``; ``(adata, model)`` if both. Writes, rows aligned with ``obs_names``:
+    The trained :class:`~scanpy_scvi.SCVI` (by default; ``return_model=False`` returns None).
+    ``return_posterior=True`` returns a :class:`~scanpy_scvi.compat.scvi0.Posterior` over all
+    cells instead, as ``scanpy.external.pp.scvi`` did. The AnnData copy if ``copy``;
+    ``(adata, model)`` (or ``(adata, posterior)``) if both. Writes, rows aligned with ``obs_names``:
 
     ``adata.obsm['X_scvi']`` : :class:`numpy.ndarray` (cells, n_latent), float32
         Posterior mean of z.
@@ -120,9 +121,17 @@ def scvi(
 
     run_args, rest = split_settings(settings, RunArguments)
     setup_args, architecture = split_settings(rest, SetupArguments)
-    run = Run(run_args, default_epochs=400, default_return_model=True)
     architecture = _merge_architecture(architecture, model_kwargs)
-    extra_train = _check_trainer_kwargs(trainer_kwargs)
+    # the pp.scvi arguments that 0.x trainers also took: trainer_kwargs may set them unless given here
+    call = {"train_size": train_size, "batch_size": batch_size, "n_obs": adata.n_obs,
+            "use_cuda": run_args.get("use_cuda", True), "random_state": run_args.get("random_state", 0)}  # fmt: skip
+    call["explicit"] = {*(k for k in ("use_cuda", "random_state") if k in run_args),
+                        *(k for k, default in _SCVI_DEFAULTS.items() if call[k] != default)}  # fmt: skip
+    extra_train, updates = train_from_trainer_kwargs(trainer_kwargs or {}, call)
+    train_size, batch_size = updates.pop("train_size", train_size), updates.pop("batch_size", batch_size)
+    check_monitor(extra_train, train_size)
+    early_stopping = extra_train.pop("early_stopping", early_stopping)
+    run = Run({**run_args, **updates}, default_epochs=400, default_return_model=True)
     uns_key = check_key_added(key_added)
     genes = run.genes(adata)
     if expression is None:
@@ -167,7 +176,10 @@ def scvi(
     adata.uns[uns_key] = model.uns_record(params, store_model=run.store_model)
     outputs = f"'{key_added}'" + (f", '{key_added}_denoised', '{key_added}_sample_rate'" if expression else "")
     logg.info("    finished", time=start, deep=f"added\n    {outputs} (adata.obsm)\n    '{uns_key}' (adata.uns)")
-    return run.result(adata, model)
+    return run.result(adata, Posterior(model) if run.args.return_posterior else model)
+
+
+_SCVI_DEFAULTS = {"train_size": 1.0, "batch_size": 128}
 
 
 def _available_memory() -> int | None:
@@ -209,26 +221,12 @@ def check_expression_fits(n_obs: int, n_genes: int, *, n_matrices: int = 2) -> N
 
 
 def _merge_architecture(explicit: dict[str, Any], model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Architecture keywords, with the historical ``model_kwargs`` dict allowed for any of them."""
-    from_dict = dict(model_kwargs or {})
-    unknown = sorted(set(from_dict) - set(VAEArchitecture.names()))
-    if unknown:
-        msg = f"model_kwargs got unknown keys {unknown}; allowed: {VAEArchitecture.names()}."
-        raise TypeError(msg)
+    """Architecture keywords, with the historical ``model_kwargs`` dict (scvi 0.6 ``VAE``/``LDVAE``
+    names, or ours) allowed for any of them."""
+    linear = bool(explicit.get("linear_decoder", (model_kwargs or {}).get("linear_decoder", False)))
+    from_dict = architecture_from_vae_kwargs(model_kwargs or {}, linear_decoder=linear)
     for k, v in from_dict.items():
         if k in explicit and explicit[k] != v:
             msg = f"{k} is given twice with different values ({explicit[k]!r} and model_kwargs[{k!r}]={v!r})."
             raise ValueError(msg)
     return {**explicit, **from_dict}
-
-
-def _check_trainer_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
-    kwargs = dict(kwargs or {})
-    unknown = sorted(set(kwargs) - set(TRAINER_KWARGS))
-    if unknown:
-        hint = [k for k in unknown if k in inspect.signature(scvi).parameters]
-        msg = f"trainer_kwargs got unknown keys {unknown}; allowed: {list(TRAINER_KWARGS)}."
-        if hint:
-            msg += f" Pass {hint} as arguments of pp.scvi directly."
-        raise TypeError(msg)
-    return kwargs
