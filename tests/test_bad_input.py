@@ -161,7 +161,7 @@ def test_bad_options(no_training):
     _expect(adata, ValueError, "dispersion", dispersion="gene_batch")
     _expect(adata, ValueError, "gene_likelihood", gene_likelihood="negative-binomial")
     _expect(adata, ValueError, "latent_distribution", latent_distribution="lognormal")
-    _expect(adata, ValueError, "use_batch_norm", model_kwargs={"use_batch_norm": True})
+    _expect(adata, ValueError, "use_batch_norm", model_kwargs={"use_batch_norm": "yes"})
     _expect(adata, ValueError, "dropout_rate", dropout_rate=1.0)
     _expect(adata, ValueError, "n_latent", n_latent=0)
     _expect(adata, TypeError, "key_added", key_added="")

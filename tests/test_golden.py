@@ -40,13 +40,16 @@ DE_COLUMNS = ["lfc_mean", "proba_de", "bayes_factor", "scale1", "scale2"]
 
 def fingerprint() -> str:
     """Everything that may change float results at the bit level."""
-    cpu = "unknown"
+    cpu, isa = "unknown", "unknown"
     try:
         with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+            info = dict(line.split(":", 1) for line in fh.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        # the same model name hides CPUs with other vector units (AMD EPYC with and without AVX-512),
+        # and the kernels torch picks by them round differently
+        cpu = f"{info.get('model name', 'unknown')} family {info.get('cpu family', '?')} model {info.get('model', '?')}"
+        flags = set(info.get("flags", "").split())
+        isa = "+".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "none"
     except OSError:
         pass
     return "|".join(
@@ -55,6 +58,7 @@ def fingerprint() -> str:
             f"numpy={np.__version__}",
             f"machine={platform.machine()}",
             f"cpu={cpu}",
+            f"isa={isa}",
             f"threads={torch.get_num_threads()}",
         ]
     )
