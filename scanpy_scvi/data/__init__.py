@@ -3,6 +3,7 @@
 from ._arguments import SetupArguments
 from ._batches import MinibatchSource
 from ._blocks import BlockReader, stream
+from ._mudata import anndata_from_mudata, mudata_modalities
 from ._order import epoch_minibatches, minibatches
 from ._programs import Programs, gene_sets, program_rows, read_gmt
 from ._proteins import background_prior, measured_proteins
@@ -17,12 +18,14 @@ __all__ = [
     "Programs",
     "ResidentSource",
     "SetupArguments",
+    "anndata_from_mudata",
     "background_prior",
     "categories",
     "epoch_minibatches",
     "gene_sets",
     "measured_proteins",
     "minibatches",
+    "mudata_modalities",
     "program_rows",
     "read_gmt",
     "resident_source",
