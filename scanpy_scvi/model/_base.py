@@ -527,6 +527,8 @@ class BaseModel:
     @classmethod
     def _from_payload(cls, config: dict[str, Any], state: dict[str, torch.Tensor], *, adata, device, source: str):
         model_cls = BaseModel._classes.get(config.get("model_class"))
+        if model_cls is not None and issubclass(cls, model_cls) and cls not in BaseModel._classes.values():
+            model_cls = cls  # a door of scanpy_scvi.compat (unregistered) loads the files of its base class
         if model_cls is None or not issubclass(model_cls, cls):  # SCVI.load also reads SCANVI
             msg = f"{source} holds a {config.get('model_class')!r} model, not {cls.__name__}."
             raise ValueError(msg)

@@ -101,7 +101,7 @@ class SCANVI(SCVI):
         random_state
             Seed of the new networks' initialisation.
         """
-        if type(scvi_model) is not SCVI:
+        if not isinstance(scvi_model, SCVI) or scvi_model.module_class is not SCVI.module_class:  # not trVAE, scANVI
             msg = f"scvi_model must be an SCVI model, got {type(scvi_model).__name__}."
             raise TypeError(msg)
         if not scvi_model.is_trained:
