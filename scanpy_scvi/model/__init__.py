@@ -6,8 +6,20 @@ from ._expimap import EXPIMAP
 from ._scanvi import SCANVI
 from ._scpoli import SCPOLI
 from ._scvi import SCVI
+from ._selection import cell_positions
 from ._surgery import query_model
 from ._totalvi import TOTALVI
 from ._trvae import TRVAE
 
-__all__ = ["EXPIMAP", "SCANVI", "SCPOLI", "SCVI", "TOTALVI", "TRVAE", "BaseModel", "query_model", "resolve_device"]
+__all__ = [
+    "EXPIMAP",
+    "SCANVI",
+    "SCPOLI",
+    "SCVI",
+    "TOTALVI",
+    "TRVAE",
+    "BaseModel",
+    "cell_positions",
+    "query_model",
+    "resolve_device",
+]

@@ -32,10 +32,7 @@ def architecture_from_vae_kwargs(kwargs: Mapping[str, Any], *, linear_decoder: b
     out: dict[str, Any] = {}
 
     def put(name: str, value: Any, given_as: str) -> None:
-        if name in out and out[name] != value:
-            msg = f"model_kwargs sets {name} twice with different values ({out[name]!r}, and {given_as}={value!r})."
-            raise ValueError(msg)
-        out[name] = value
+        _set_once(out, name, value, f"model_kwargs ({given_as})")
 
     for key, value in kwargs.items():
         if key in _SET_BY_THE_DATA:
@@ -121,10 +118,7 @@ def train_from_trainer_kwargs(kwargs: Mapping[str, Any], call: Mapping[str, Any]
         if name in call.get("explicit", ()) and call[name] != value:
             msg = f"trainer_kwargs[{given_as!r}]={value!r} contradicts {name}={call[name]!r}; pass one of them."
             raise ValueError(msg)
-        if name in updates and updates[name] != value:
-            msg = f"trainer_kwargs sets {name} twice with different values ({updates[name]!r}, {value!r})."
-            raise ValueError(msg)
-        updates[name] = value
+        _set_once(updates, name, value, "trainer_kwargs")
 
     for key, value in kwargs.items():
         if key in OUR_TRAIN_SETTINGS:
@@ -181,6 +175,13 @@ def train_from_trainer_kwargs(kwargs: Mapping[str, Any], call: Mapping[str, Any]
             )
             raise TypeError(msg)
     return train, updates
+
+
+def _set_once(store: dict[str, Any], name: str, value: Any, source: str) -> None:
+    if name in store and store[name] != value:
+        msg = f"{source} sets {name} twice with different values ({store[name]!r} and {value!r})."
+        raise ValueError(msg)
+    store[name] = value
 
 
 def _fraction(value, n_obs: int, name: str) -> float:

@@ -509,23 +509,15 @@ class Posterior:
         cell of this Posterior (default the model's labels). ``output_file`` writes one CSV per
         cluster, ``<save_dir>/<filename>.<cluster>.csv`` (0.x wrote one Excel workbook)."""
         labels, keep = self._clusters(cell_labels, subset)
-        de_res, names = [], []
+        pairs = {}
         for name in pd.unique(labels[keep]):
             in_cluster = keep & (labels == name)
-            if in_cluster.sum() < min_cells:
-                continue
-            res = self.differential_expression_score(
-                in_cluster, keep & ~in_cluster, mode=mode, use_observed_batches=use_observed_batches,
-                n_samples=n_samples, use_permutation=use_permutation, M_permutation=M_permutation,
-                change_fn=change_fn, m1_domain_fn=m1_domain_fn, delta=delta, cred_interval_lvls=cred_interval_lvls,
-                **kwargs,
-            )  # fmt: skip
-            res["clusters"] = name
-            de_res.append(res)
-            names.append(name)
-        if output_file:
-            _write_csvs(de_res, names, save_dir, filename)
-        return de_res, np.asarray(names)
+            if in_cluster.sum() >= min_cells:
+                pairs[name] = (in_cluster, keep & ~in_cluster)
+        de_args = dict(mode=mode, use_observed_batches=use_observed_batches, n_samples=n_samples,
+                       use_permutation=use_permutation, M_permutation=M_permutation, change_fn=change_fn,
+                       m1_domain_fn=m1_domain_fn, delta=delta, cred_interval_lvls=cred_interval_lvls, **kwargs)  # fmt: skip
+        return self._per_cluster(pairs, de_args, output_file, save_dir, filename)
 
     def within_cluster_degenes(
         self,
@@ -558,24 +550,31 @@ class Posterior:
             msg = f"states must hold one boolean per cell ({self.nb_cells}), got shape {states.shape}."
             raise ValueError(msg)
         labels, keep = self._clusters(cell_labels, subset)
-        de_res, names = [], []
+        pairs = {}
         for name in pd.unique(labels[keep]):
             in_cluster = keep & (labels == name)
             one, two = in_cluster & states, in_cluster & ~states
-            if one.sum() < min_cells or two.sum() < min_cells:
-                continue
-            res = self.differential_expression_score(
-                one, two, mode=mode, batchid1=batch1, batchid2=batch2, use_observed_batches=use_observed_batches,
-                n_samples=n_samples, use_permutation=use_permutation, M_permutation=M_permutation,
-                change_fn=change_fn, m1_domain_fn=m1_domain_fn, delta=delta, cred_interval_lvls=cred_interval_lvls,
-                **kwargs,
-            )  # fmt: skip
+            if one.sum() >= min_cells and two.sum() >= min_cells:
+                pairs[name] = (one, two)
+        de_args = dict(mode=mode, batchid1=batch1, batchid2=batch2, use_observed_batches=use_observed_batches,
+                       n_samples=n_samples, use_permutation=use_permutation, M_permutation=M_permutation,
+                       change_fn=change_fn, m1_domain_fn=m1_domain_fn, delta=delta,
+                       cred_interval_lvls=cred_interval_lvls, **kwargs)  # fmt: skip
+        return self._per_cluster(pairs, de_args, output_file, save_dir, filename)
+
+    def _per_cluster(self, pairs: dict, de_args: dict, output_file: bool, save_dir: str, filename: str):
+        """One :meth:`differential_expression_score` per cluster's pair of masks, with a
+        ``clusters`` column; CSV files with ``output_file``."""
+        de_res = []
+        for name, (one, two) in pairs.items():
+            res = self.differential_expression_score(one, two, **de_args)
             res["clusters"] = name
             de_res.append(res)
-            names.append(name)
         if output_file:
-            _write_csvs(de_res, names, save_dir, filename)
-        return de_res, np.asarray(names)
+            os.makedirs(save_dir, exist_ok=True)
+            for name, res in zip(pairs, de_res, strict=True):
+                res.to_csv(os.path.join(save_dir, f"{filename}.{name}.csv"))
+        return de_res, np.asarray(list(pairs))
 
     def _clusters(self, cell_labels, subset) -> tuple[np.ndarray, np.ndarray]:
         if cell_labels is None:
@@ -762,17 +761,10 @@ def load_posterior(dir_path: str | os.PathLike, use_cuda: bool = True) -> Poster
 
 
 def _positions(idx, n: int) -> np.ndarray:
-    """A boolean mask of length ``n`` or integer positions, as positions."""
-    idx = np.asarray(idx)
-    if idx.dtype == bool:
-        if idx.shape != (n,):
-            msg = f"A boolean mask must have length {n}, got {idx.shape}."
-            raise ValueError(msg)
-        return np.flatnonzero(idx)
-    if idx.size and (not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= n):
-        msg = f"Cell positions must be integers in [0, {n})."
-        raise ValueError(msg)
-    return idx.astype(np.int64).ravel()
+    """A boolean mask of length ``n`` or integer positions, as positions (``None``: all)."""
+    from ...model import cell_positions
+
+    return cell_positions(idx, n).ravel()
 
 
 def _dense(X) -> np.ndarray:
@@ -783,9 +775,3 @@ def _no_extras(kwargs: Mapping[str, Any], method: str) -> None:
     if kwargs:
         msg = f"{method} got unknown arguments {sorted(kwargs)}."
         raise TypeError(msg)
-
-
-def _write_csvs(frames: list[pd.DataFrame], names: list, save_dir: str, filename: str) -> None:
-    os.makedirs(save_dir, exist_ok=True)
-    for frame, name in zip(frames, names, strict=True):
-        frame.to_csv(os.path.join(save_dir, f"{filename}.{name}.csv"))
