@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -204,7 +206,7 @@ def test_other_foreign_names_raise_naming_them(fitted):
         vae.save("unused", prefix="x_")
     for method, args in [
         (vae.get_anndata_manager, (adata,)), (vae.deregister_manager, ()), (scvi.model.SCVI.register_manager, (None,)),
-        (vae.minify_adata, ()), (scvi.model.SCVI.convert_legacy_save, ("a", "b")),
+        (scvi.model.SCVI.convert_legacy_save, ("a", "b")),
     ]:  # fmt: skip
         with pytest.raises(NotImplementedError):
             method(*args)
@@ -440,3 +442,152 @@ def test_scarches_query_keeps_the_reference_frozen_and_equals_ours(tmp_path):
     dropout_free = scvi.model.SCVI.load_query_data(query, vae, freeze_dropout=True)
     assert dropout_free.architecture.dropout_rate == 0.0
     assert all(m.p == 0 for m in dropout_free.module.modules() if isinstance(m, torch.nn.Dropout))
+
+
+# -- minify_adata ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def minified():
+    """A trained door model, its outputs on the full AnnData (seeded), then the model minified."""
+    adata = _data()
+    scvi.model.SCVI.setup_anndata(adata, layer="counts", batch_key="batch", labels_key="cell_type")
+    vae = scvi.model.SCVI(adata, **SMALL)
+    vae.train(max_epochs=5, **QUIET)
+    before = {"latent": vae.get_latent_representation(), "library": vae.get_latent_library_size()}
+    with vae.seeded(1):
+        before["expression"] = vae.get_normalized_expression(library_size=1e4)
+    with vae.seeded(2):
+        before["draws"] = vae.get_normalized_expression(n_samples=3, return_mean=False, batch_size=100)
+    with vae.seeded(3):
+        before["z"] = vae.get_latent_representation(give_mean=False)
+    with vae.seeded(4):
+        before["counts"] = vae.posterior_predictive_sample()
+    with vae.seeded(5):
+        before["params"] = vae.get_likelihood_parameters(n_samples=2)
+    before["de"] = vae.differential_expression(groupby="cell_type", silent=True, n_samples_overall=500)
+    before["change"] = vae.differential_expression(
+        groupby="cell_type", mode="change", pseudocounts=1e-4, silent=True, n_samples_overall=500
+    )
+    vae.minify_adata()
+    return adata, vae, before
+
+
+def test_minify_adata_drops_the_counts_and_keeps_the_posterior(minified):
+    adata, vae, before = minified
+    mini = vae.adata
+    assert mini is not adata and vae.minified_data_type == "latent_posterior_parameters"
+    assert mini.X.nnz == 0 and mini.layers["counts"].nnz == 0 and mini.shape == adata.shape
+    assert adata.layers["counts"].nnz > 0 and "_scvi_adata_minify_type" not in adata.uns  # the input is untouched
+    assert mini.uns["_scvi_adata_minify_type"] == "latent_posterior_parameters"
+    totals = np.asarray(adata.layers["counts"].sum(1)).ravel()
+    assert np.array_equal(mini.obs["observed_lib_size"].to_numpy(), totals)
+    qz_m, qz_v = vae.get_latent_representation(adata, return_dist=True)
+    for key, value in [("X_latent_qzm", qz_m), ("X_latent_qzv", qz_v), ("scvi_latent_qzm", qz_m),
+                       ("scvi_latent_qzv", qz_v)]:  # fmt: skip
+        assert np.array_equal(mini.obsm[key], value), key
+    assert np.array_equal(vae.get_latent_representation(), before["latent"])  # bit for bit
+    assert np.array_equal(vae.get_latent_library_size(), before["library"])  # exp(log(total counts))
+    assert np.allclose(before["library"].ravel(), totals, rtol=1e-6)
+    assert "minified?: True" in vae.summary_string
+
+
+def test_a_minified_model_draws_the_same_z_as_from_the_counts(minified):
+    _, vae, before = minified
+    with vae.seeded(1):  # the cached q(z | x) gives the draws the encoder gave: equal under one seed
+        pd.testing.assert_frame_equal(vae.get_normalized_expression(library_size=1e4), before["expression"])
+    with vae.seeded(2):
+        draws = vae.get_normalized_expression(n_samples=3, return_mean=False, batch_size=100)
+    assert np.array_equal(draws, before["draws"])
+    with vae.seeded(3):
+        assert np.array_equal(vae.get_latent_representation(give_mean=False), before["z"])
+    with vae.seeded(4):
+        assert (vae.posterior_predictive_sample() != before["counts"]).nnz == 0
+    with vae.seeded(5):
+        params = vae.get_likelihood_parameters(n_samples=2)  # the observed library from obs['observed_lib_size']
+    assert params.keys() == before["params"].keys()
+    assert all(np.array_equal(params[k], before["params"][k]) for k in params)
+
+
+def test_de_on_a_minified_model_warns_for_the_raw_columns_and_ranks_the_same(minified):
+    _, vae, before = minified
+    with pytest.warns(UserWarning, match="Count statistics make no sense for minified model"):
+        de = vae.differential_expression(groupby="cell_type", silent=True, n_samples_overall=500)
+    for column in ["proba_m1", "proba_m2", "bayes_factor", "scale1", "scale2"]:
+        assert np.array_equal(de[column].to_numpy(), before["de"][column].to_numpy()), column
+    for comparison, group in de.groupby("comparison"):
+        expected = before["de"][before["de"]["comparison"] == comparison]
+        assert list(group["bayes_factor"].nlargest(10).index) == list(expected["bayes_factor"].nlargest(10).index)
+    raw = ["raw_mean1", "raw_mean2", "non_zeros_proportion1", "raw_normalized_mean1", "raw_normalized_mean2"]
+    assert (de[raw].to_numpy() == 0).all()  # from the empty counts, as in scvi-tools
+    assert (before["de"]["raw_mean1"] > 0).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning without the raw columns
+        change = vae.differential_expression(
+            groupby="cell_type", mode="change", pseudocounts=1e-4, all_stats=False, silent=True, n_samples_overall=500
+        )
+    for column in ["proba_de", "lfc_mean", "lfc_median"]:
+        assert np.array_equal(change[column].to_numpy(), before["change"][column].to_numpy()), column
+
+
+def test_methods_that_need_the_counts_refuse_a_minified_anndata(minified):
+    adata, vae, _ = minified
+    for call in [vae.get_elbo, vae.get_reconstruction_error, lambda: vae.get_marginal_ll(n_mc_samples=5),
+                 lambda: vae.train(max_epochs=1, **QUIET)]:  # fmt: skip
+        with pytest.raises(ValueError, match="needs the counts, and the AnnData is minified"):
+            call()
+    assert np.isfinite(vae.get_elbo(adata))  # the AnnData with the counts still works
+    assert vae.get_reconstruction_error(adata, indices=np.arange(20))["reconstruction_loss"] > 0
+    with pytest.raises(ValueError, match="minified"):
+        scvi.model.SCVI.load_query_data(vae.adata, vae)
+    with pytest.raises(ValueError, match="minified"):
+        scvi.model.SCANVI.from_scvi_model(vae, "Unknown")
+    with pytest.raises(ValueError, match="already minified"):
+        vae.minify_adata()
+
+
+def test_a_minified_anndata_survives_h5ad_and_load(minified, tmp_path):
+    _, vae, before = minified
+    vae.adata.write_h5ad(tmp_path / "mini.h5ad")
+    vae.save(tmp_path / "m", save_anndata=True)
+    back = ad.read_h5ad(tmp_path / "mini.h5ad")
+    for loaded in [scvi.model.SCVI.load(tmp_path / "m", back, accelerator="cpu"),
+                   scvi.model.SCVI.load(tmp_path / "m", accelerator="cpu")]:  # fmt: skip
+        assert loaded.minified_data_type == "latent_posterior_parameters" and loaded.adata.X.nnz == 0
+        assert np.array_equal(loaded.get_latent_representation(), before["latent"])
+        with loaded.seeded(1):
+            pd.testing.assert_frame_equal(loaded.get_normalized_expression(library_size=1e4), before["expression"])
+        with pytest.raises(ValueError, match="minified"):
+            loaded.get_elbo()
+    fresh = scvi.model.SCVI.load(tmp_path / "m", accelerator="cpu")
+    assert np.array_equal(fresh.get_latent_representation(back), before["latent"])  # bound by passing it, too
+    del back.obsm["scvi_latent_qzv"]
+    with pytest.raises(ValueError, match=r"lacks obsm\['scvi_latent_qzv'\]"):
+        scvi.model.SCVI.load(tmp_path / "m", back)
+
+
+def test_minify_reads_the_given_posterior_and_refuses_what_it_cannot_serve():
+    adata = _data(n_obs=120)
+    adata.obs.loc[adata.obs_names[::4], "cell_type"] = "Unknown"
+    scvi.model.SCANVI.setup_anndata(adata, labels_key="cell_type", unlabeled_category="Unknown", batch_key="batch")
+    lvae = scvi.model.SCANVI(adata, **SMALL)
+    lvae.train(max_epochs=2, **QUIET)
+    predicted, soft = lvae.predict(), lvae.predict(soft=True)
+    qz_m, qz_v = lvae.get_latent_representation(return_dist=True)
+    adata.obsm["mine_m"], adata.obsm["mine_v"] = qz_m + 1, qz_v  # read as given, not recomputed
+    lvae.minify_adata(use_latent_qzm_key="mine_m", use_latent_qzv_key="mine_v")
+    assert np.array_equal(lvae.adata.obsm["scanvi_latent_qzm"], qz_m + 1)
+    assert np.array_equal(lvae.get_latent_representation(), qz_m + 1)
+    lvae.adata.obsm["scanvi_latent_qzm"] = qz_m  # back to the model's posterior: the classifier's calls return
+    lvae.attach(lvae.adata)
+    assert np.array_equal(lvae.predict(), predicted)
+    pd.testing.assert_frame_equal(lvae.predict(soft=True), soft)
+
+    scvi.model.LinearSCVI.setup_anndata(adata, batch_key="batch")
+    with pytest.raises(ValueError, match="observed library size"):
+        scvi.model.LinearSCVI(adata, **SMALL).minify_adata()  # a learned library needs the counts
+    scvi.model.SCVI.setup_anndata(adata, batch_key="batch")
+    with pytest.raises(ValueError, match=r"latent_posterior_parameters_with_counts.*update_only_decoder"):
+        scvi.model.SCVI(adata, **SMALL).minify_adata("latent_posterior_parameters_with_counts")
+    _cite(adata)
+    scvi.model.TOTALVI.setup_anndata(adata, protein_expression_obsm_key="protein_expression")
+    with pytest.raises(NotImplementedError, match="TOTALVI"):
+        scvi.model.TOTALVI(adata, **SMALL).minify_adata()

@@ -25,6 +25,7 @@ about forty methods and the argument tables of ``train``) in one place, as the d
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -49,6 +50,10 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 SETUP_KEY = "_scvi_setup"  # adata.uns entry: {model class name: JSON of its setup}
+# a minified AnnData (scvi-tools' names): the counts dropped, each cell's q(z | x) and total counts kept
+MINIFY_TYPE_KEY = "_scvi_adata_minify_type"  # adata.uns: how it was minified
+LATENT_POSTERIOR = "latent_posterior_parameters"  # the one minification type read here
+OBSERVED_LIB_SIZE_KEY = "observed_lib_size"  # adata.obs: each cell's total counts over the model genes
 REFERENCE_GENE_RATIO = 0.8  # scvi-tools warns when a query has fewer of the reference's genes
 
 
@@ -383,6 +388,9 @@ class _Door:
 
     _kind: ClassVar[str] = "SCVI"  # the scvi-tools class this door stands for
     _base: ClassVar[type]  # our model class it is a door of
+    # obsm keys of the cached posterior in a minified AnnData (scvi-tools' per class); None: not minified here
+    _LATENT_QZM_KEY: ClassVar[str | None] = "scvi_latent_qzm"
+    _LATENT_QZV_KEY: ClassVar[str | None] = "scvi_latent_qzv"
 
     @classmethod
     def _setup_of(cls, adata) -> dict[str, Any]:
@@ -398,8 +406,8 @@ class _Door:
     # -- attributes of scvi-tools models ------------------------------------------------------------
     @property
     def summary_string(self) -> str:
-        """The model summary (its ``repr``)."""
-        return repr(self)
+        """The model summary (its ``repr``) and, as scvi-tools', whether its AnnData is minified."""
+        return f"{self!r}\nModel's adata is minified?: {self.minified_data_type is not None}"
 
     @property
     def test_indices(self) -> np.ndarray:
@@ -407,9 +415,10 @@ class _Door:
         return np.arange(0)
 
     @property
-    def minified_data_type(self) -> None:
-        """Never minified here (see :meth:`minify_adata`)."""
-        return None
+    def minified_data_type(self) -> str | None:
+        """How the model's AnnData was minified (``'latent_posterior_parameters'``, see
+        :meth:`minify_adata`), or ``None``."""
+        return _minify_type(self.adata)
 
     # -- setup: the record in adata.uns ----------------------------------------------------------------
     @classmethod
@@ -584,19 +593,150 @@ class _Door:
         )
         raise NotImplementedError(msg)
 
+    # -- minified AnnData -------------------------------------------------------------------------------
     def minify_adata(
         self,
-        minified_data_type: str = "latent_posterior_parameters",
+        minified_data_type: str = LATENT_POSTERIOR,
         use_latent_qzm_key: str = "X_latent_qzm",
         use_latent_qzv_key: str = "X_latent_qzv",
     ) -> None:
-        """Not available: every method here reads the counts, so an AnnData without them cannot be used."""
-        msg = (
-            "minify_adata is not available: every method of this package reads the counts of the cells it is "
-            "given. Store `get_latent_representation(return_dist=True)` in obsm yourself and keep the counts "
-            "(e.g. on disk, backed) for the methods that decode."
-        )
-        raise NotImplementedError(msg)
+        """Give the model a minified copy of its AnnData: the counts dropped, the posterior of z kept.
+
+        As scvi-tools: the copy (``raw`` dropped) has ``X`` and every layer replaced by an empty
+        sparse matrix of the same shape, each cell's posterior mean and variance of z in
+        ``obsm[use_latent_qzm_key]`` / ``obsm[use_latent_qzv_key]`` and in the class's own keys
+        (``'scvi_latent_qzm'`` / ``'scvi_latent_qzv'``; LinearSCVI ``'ldvae_...'``, SCANVI
+        ``'scanvi_...'``), the total counts in ``obs['observed_lib_size']`` and the type in
+        ``uns['_scvi_adata_minify_type']``; it becomes ``model.adata`` (the AnnData passed in
+        is not changed). The posterior is read from ``obsm[use_latent_qzm_key]`` /
+        ``obsm[use_latent_qzv_key]``, or, where they are absent, computed
+        (``get_latent_representation(return_dist=True)``; scvi-tools raised a ``KeyError``).
+
+        Then the methods that need only z and the library work from the cached posterior, with
+        the draws the counts would give: ``get_latent_representation``,
+        ``get_normalized_expression``, ``get_likelihood_parameters``,
+        ``posterior_predictive_sample``, ``get_latent_library_size``, ``differential_expression``
+        (its raw-count columns come from the empty counts, as in scvi-tools, which warns),
+        SCANVI's ``predict``. Those that need the counts (``train``, ``get_elbo``,
+        ``get_reconstruction_error``, ``get_marginal_ll``, ``load_query_data``,
+        ``SCANVI.from_scvi_model``) raise a ``ValueError`` on a minified AnnData. It survives
+        ``write_h5ad`` and ``save(save_anndata=True)``; ``load`` with it gives a minified model.
+
+        ``'latent_posterior_parameters_with_counts'`` (for scvi-tools' decoder-only training) is
+        not available, and, as in scvi-tools, a model with a learned library size cannot be
+        minified (its q(l | x) needs the counts).
+        """
+        if minified_data_type != LATENT_POSTERIOR:
+            why = (
+                "it keeps the counts for decoder-only training on the cached latent (scvi-tools' "
+                "plan_kwargs update_only_decoder), which is not available here"
+                if minified_data_type == "latent_posterior_parameters_with_counts"
+                else "it is not a minification type"
+            )
+            msg = f"minified_data_type={minified_data_type!r} is not available: {why} (only {LATENT_POSTERIOR!r})."
+            raise ValueError(msg)
+        self._check_minifiable()
+        if self.adata is None:
+            msg = "The model holds no AnnData to minify (it was loaded without one)."
+            raise ValueError(msg)
+        if self.minified_data_type is not None:
+            msg = "The model's AnnData is already minified."
+            raise ValueError(msg)
+        adata = self.adata
+        if use_latent_qzm_key in adata.obsm and use_latent_qzv_key in adata.obsm:
+            qz_m, qz_v = (np.asarray(adata.obsm[k], dtype=np.float32) for k in (use_latent_qzm_key, use_latent_qzv_key))
+        else:
+            qz_m, qz_v = self.get_latent_representation(return_dist=True)
+        import anndata
+
+        empty = sp.csr_matrix(adata.shape, dtype=np.float32)
+        mini = anndata.AnnData(
+            X=empty, obs=adata.obs.copy(), var=adata.var.copy(), uns=copy.deepcopy(dict(adata.uns)),
+            obsm=_copied(adata.obsm), varm=_copied(adata.varm), obsp=_copied(adata.obsp), varp=_copied(adata.varp),
+            layers={k: empty.copy() for k in adata.layers},
+        )  # fmt: skip
+        mini.uns[MINIFY_TYPE_KEY] = LATENT_POSTERIOR
+        mini.obsm[use_latent_qzm_key], mini.obsm[use_latent_qzv_key] = qz_m.copy(), qz_v.copy()
+        mini.obsm[self._LATENT_QZM_KEY], mini.obsm[self._LATENT_QZV_KEY] = qz_m, qz_v
+        mini.obs[OBSERVED_LIB_SIZE_KEY] = self.bind().library
+        self.attach(mini)  # checks the cached posterior; on an error the model keeps its AnnData
+
+    def attach(self, adata: AnnData, *, bound=None) -> None:
+        """Our ``attach``; a minified ``adata`` is bound through its cached posterior of z."""
+        if bound is None and _minify_type(adata) is not None:
+            bound = self._bind_minified(adata)
+        super().attach(adata, bound=bound)
+
+    def bind(self, adata: AnnData | None = None):
+        """Our ``bind``; a minified ``adata`` is bound through its cached posterior of z."""
+        if adata is not None and adata is not self.adata and _minify_type(adata) is not None:
+            return self._bind_minified(adata)
+        return super().bind(adata)
+
+    def _bind_minified(self, adata: AnnData):
+        kind = _minify_type(adata)
+        if kind != LATENT_POSTERIOR:
+            msg = f"adata.uns[{MINIFY_TYPE_KEY!r}] is {kind!r}: only {LATENT_POSTERIOR!r} minified data is read here."
+            raise ValueError(msg)
+        self._check_minifiable()
+        missing = [f"obsm[{k!r}]" for k in (self._LATENT_QZM_KEY, self._LATENT_QZV_KEY) if k not in adata.obsm]
+        if OBSERVED_LIB_SIZE_KEY not in adata.obs:
+            missing.append(f"obs[{OBSERVED_LIB_SIZE_KEY!r}]")
+        if missing:
+            msg = (
+                f"The minified AnnData lacks {', '.join(missing)}: it was minified by another model class "
+                f"than {type(self).__name__}, or its cached posterior was removed."
+            )
+            raise ValueError(msg)
+        qz_m = np.asarray(adata.obsm[self._LATENT_QZM_KEY])
+        if qz_m.ndim != 2 or qz_m.shape[1] != self.module.n_latent:
+            msg = (
+                f"obsm[{self._LATENT_QZM_KEY!r}] has shape {qz_m.shape}; the model has n_latent={self.module.n_latent}."
+            )
+            raise ValueError(msg)
+        posterior = {
+            "qz_m": qz_m, "qz_v": adata.obsm[self._LATENT_QZV_KEY], "library": adata.obs[OBSERVED_LIB_SIZE_KEY].to_numpy()
+        }  # fmt: skip
+        return self.setup.bind(adata, posterior=posterior)
+
+    def _check_minifiable(self) -> None:
+        if self._LATENT_QZM_KEY is None:
+            raise NotImplementedError(_NO_TOTALVI_MINIFY)
+        if not getattr(self.module, "use_observed_lib_size", True):
+            msg = (
+                "Minification is not supported for models that do not use observed library size, as in scvi-tools: "
+                "a learned library is drawn from q(l | x), which needs the counts (use_observed_lib_size=True)."
+            )
+            raise ValueError(msg)
+
+    def _refuse_minified(self, adata: AnnData | None, method: str) -> None:
+        """A ``ValueError`` when the data ``method`` would read (``adata``, default the model's) is minified."""
+        if _minify_type(self.adata if adata is None else adata) is not None:
+            msg = (
+                f"{method} needs the counts, and the AnnData is minified (minify_adata replaced them by each "
+                "cell's posterior of z): pass the AnnData with the counts (adata=...)."
+            )
+            raise ValueError(msg)
+
+    def train(self, *args, **kwargs) -> None:
+        """Our ``train`` (after the door's translation), refused on a minified AnnData."""
+        self._refuse_minified(None, "train")
+        super().train(*args, **kwargs)
+
+    def get_elbo(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None) -> float:
+        """Our ``get_elbo`` (refused on a minified AnnData)."""
+        self._refuse_minified(adata, "get_elbo")
+        return super().get_elbo(adata, indices, batch_size)
+
+    def get_reconstruction_error(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None):
+        """Our ``get_reconstruction_error`` (refused on a minified AnnData)."""
+        self._refuse_minified(adata, "get_reconstruction_error")
+        return super().get_reconstruction_error(adata, indices, batch_size)
+
+    def get_marginal_ll(self, adata: AnnData | None = None, indices=None, *args, **kwargs):
+        """Our ``get_marginal_ll`` (refused on a minified AnnData)."""
+        self._refuse_minified(adata, "get_marginal_ll")
+        return super().get_marginal_ll(adata, indices, *args, **kwargs)
 
     # -- differential expression -------------------------------------------------------------------
     def differential_expression(
@@ -686,6 +826,8 @@ class _Door:
             msg = "delta=None (estimated by scvi-tools) is not available: pass a positive log2 fold change."
             raise ValueError(msg)
         adata = self.adata if adata is None else adata
+        if all_stats and _minify_type(adata) is not None:
+            warn("Count statistics make no sense for minified model. Consider disabling all_stats.")  # scvi-tools'
         df = tl.differential_expression(
             adata, groupby=None if idx1 is not None else groupby, group1=group1, group2=group2,
             idx1=None if idx1 is None else _as_cells_mask(idx1, adata),
@@ -813,6 +955,9 @@ class _Door:
         if reference_model is None:
             msg = "Pass reference_model: a model or a directory it was saved to."
             raise ValueError(msg)
+        if _minify_type(adata) is not None:
+            msg = "load_query_data needs the query's counts (to train on), and the query AnnData is minified."
+            raise ValueError(msg)
         target, several = _device(accelerator, _devices_of(device))
         if several:
             msg = f"device={device!r}: a model is loaded onto one device."
@@ -836,6 +981,23 @@ class _Door:
         query.to_device(target)
         cls._record(adata, _setup_args(query.setup, cls._kind))
         return query
+
+
+_NO_TOTALVI_MINIFY = (
+    "minify_adata is not available for TOTALVI here: this package's totalVI module encodes the RNA and protein "
+    "counts together and has no inference from a cached posterior of z (scvi-tools minifies totalVI since 1.2.2). "
+    "Keep the counts; `get_latent_representation(return_dist=True)` gives the posterior to store in obsm."
+)
+
+
+def _minify_type(data) -> str | None:
+    """``uns['_scvi_adata_minify_type']`` of an AnnData (None: not minified, or no AnnData)."""
+    value = None if data is None else data.uns.get(MINIFY_TYPE_KEY)
+    return None if value is None else str(value)
+
+
+def _copied(mapping) -> dict[str, Any]:
+    return {k: v.copy() for k, v in mapping.items()}
 
 
 _NO_MANAGER = (
@@ -1050,6 +1212,7 @@ class LinearSCVI(SCVI, register=False):
 
     _kind = "LinearSCVI"
     _linear = True
+    _LATENT_QZM_KEY, _LATENT_QZV_KEY = "ldvae_latent_qzm", "ldvae_latent_qzv"
 
     def __init__(
         self,
@@ -1084,6 +1247,7 @@ class SCANVI(_Door, _ours.SCANVI, register=False):
 
     _kind = "SCANVI"
     _base = _ours.SCANVI
+    _LATENT_QZM_KEY, _LATENT_QZV_KEY = "scanvi_latent_qzm", "scanvi_latent_qzv"
 
     def __init__(
         self,
@@ -1149,6 +1313,12 @@ class SCANVI(_Door, _ours.SCANVI, register=False):
         in the AnnData. scvi-tools also started from an untrained model (with a warning); here
         that is an error.
         """
+        if _minify_type(scvi_model.adata if adata is None else adata) is not None:
+            msg = (
+                "scANVI is trained on the counts, and the scVI model's AnnData is minified: pass the AnnData with "
+                "the counts (adata=...)."
+            )
+            raise ValueError(msg)
         labels_key = scvi_model.setup.labels_key if labels_key is None else labels_key
         if labels_key is None:
             msg = "The scVI model was set up without labels_key; pass labels_key= (an obs column of cell types)."
@@ -1231,6 +1401,7 @@ class TOTALVI(_Door, _ours.TOTALVI, register=False):
 
     _kind = "TOTALVI"
     _base = _ours.TOTALVI
+    _LATENT_QZM_KEY = _LATENT_QZV_KEY = None  # see _NO_TOTALVI_MINIFY
 
     def __init__(
         self,

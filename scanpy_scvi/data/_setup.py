@@ -19,7 +19,7 @@ from ._batches import MinibatchSource, row_chunks
 from ._proteins import protein_names_of, read_proteins
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from anndata import AnnData
 
@@ -141,11 +141,16 @@ class DataSetup:
         raise ValueError(msg)
 
     # -- binding an AnnData ----------------------------------------------------------------
-    def bind(self, adata: AnnData) -> BoundData:
+    def bind(self, adata: AnnData, *, posterior: Mapping[str, np.ndarray] | None = None) -> BoundData:
         """Check ``adata`` against this setup and return its minibatch source.
 
         Genes are matched by name (any order, extra genes ignored); every categorical value
         must be a known category; counts are checked chunk by chunk (never densified).
+
+        ``posterior``: for an AnnData whose counts were dropped (minified), each cell's cached
+        q(z | x), ``qz_m`` and ``qz_v`` (cells, latent), and its total counts ``library``
+        (cells,). The counts are then neither read nor checked; these travel in the
+        minibatches (as ``qz_m``, ``qz_v``, ``observed_library``) for the module's inference.
         """
         _check_layer(adata, self.layer)
         gene_idx = self._gene_index(adata)
@@ -187,7 +192,10 @@ class DataSetup:
             gene_idx = None
         elif np.array_equal(gene_idx, np.arange(X.shape[1])):
             gene_idx = None
-        library = _check_counts_and_library(X, gene_idx, self.check_counts, self.layer)
+        if posterior is None:
+            library = _check_counts_and_library(X, gene_idx, self.check_counts, self.layer)
+        else:
+            library = _add_posterior(obs, posterior, adata.n_obs)
         source = MinibatchSource(X, gene_idx, obs, n_vars=len(self.genes), positions=positions)
         return BoundData(source, library)
 
@@ -320,6 +328,26 @@ def _numeric_obs(adata: AnnData, key: str) -> np.ndarray:
         msg = f"obs[{key!r}] has {int(np.sum(~np.isfinite(arr)))} NaN or infinite values."
         raise ValueError(msg)
     return arr
+
+
+def _add_posterior(obs: dict[str, np.ndarray], posterior: Mapping[str, np.ndarray], n_obs: int) -> np.ndarray:
+    """Check a cached posterior (see :meth:`DataSetup.bind`), add it to ``obs``; the library."""
+    qz_m, qz_v = (np.asarray(posterior[k], dtype=np.float32) for k in ("qz_m", "qz_v"))
+    library = np.asarray(posterior["library"], dtype=np.float64).reshape(-1)
+    if qz_m.ndim != 2 or qz_m.shape[0] != n_obs or qz_v.shape != qz_m.shape or len(library) != n_obs:
+        msg = (
+            f"The cached posterior must have one row per cell ({n_obs}): qz_m {qz_m.shape}, qz_v {qz_v.shape}, "
+            f"library {library.shape}."
+        )
+        raise ValueError(msg)
+    if not (np.isfinite(qz_m).all() and np.isfinite(qz_v).all() and (qz_v > 0).all()):
+        msg = "The cached posterior has non-finite means or non-positive variances."
+        raise ValueError(msg)
+    if not (np.isfinite(library).all() and (library > 0).all()):
+        msg = f"The cached library sizes must be positive and finite ({int(np.sum(~(library > 0)))} are not)."
+        raise ValueError(msg)
+    obs.update(qz_m=qz_m, qz_v=qz_v, observed_library=library.astype(np.float32)[:, None])
+    return library
 
 
 def _check_counts_and_library(X, gene_idx: np.ndarray | None, check_counts: bool, layer: str | None) -> np.ndarray:

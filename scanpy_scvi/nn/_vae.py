@@ -11,6 +11,9 @@ minibatch is a dict with
 ``size_factor`` (cells, 1) float, or absent
 ``nz_index``   (nnz,) int64 flat row-major positions of the nonzero entries of ``X``, or
                absent (then found from ``X``); not per cell: dropped when cells are subset
+``qz_m``, ``qz_v`` (cells, latent) float: a cached q(z | x) per cell (a minified AnnData, whose
+               counts were dropped), or absent; with ``observed_library`` (cells, 1), the cells'
+               total counts. When present, ``VAE.inference`` draws from them and reads no ``X``.
 """
 
 from __future__ import annotations
@@ -138,7 +141,13 @@ class VAE(nn.Module):
 
     # -- q(z, l | x) ------------------------------------------------------------------------
     def inference(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> dict[str, torch.Tensor]:
-        """q(z | x) (and q(l | x)). ``tensors['X']`` may be a sparse CSR tensor (inference only)."""
+        """q(z | x) (and q(l | x)). ``tensors['X']`` may be a sparse CSR tensor (inference only).
+
+        With ``tensors['qz_m']`` (a minified AnnData) the cached q(z | x) and observed library
+        are used instead of encoding ``X``: the same draws as from the counts they came from.
+        """
+        if "qz_m" in tensors:
+            return self.cached_inference(tensors, n_samples)
         x = tensors["X"]
         if x.layout == torch.sparse_csr and self.encode_covariates and tensors.get("cont_covs") is not None:
             x = x.to_dense()  # continuous covariates are extra encoder input columns
@@ -152,6 +161,17 @@ class VAE(nn.Module):
             ql_m, ql_v = self.l_encoder(enc_in, cov)
             out.update(ql_m=ql_m, ql_v=ql_v, library=_rsample(ql_m, ql_v, n_samples))
         return out
+
+    def cached_inference(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> dict[str, torch.Tensor]:
+        """:meth:`inference` from a cached q(z | x) (``qz_m``, ``qz_v``) and ``observed_library``."""
+        if not self.use_observed_lib_size:  # a learned library needs q(l | x), i.e. the counts
+            msg = "A cached posterior of z serves only models with the observed library size."
+            raise ValueError(msg)
+        qz_m, qz_v = tensors["qz_m"], tensors["qz_v"]
+        z = _rsample(qz_m, qz_v, n_samples)
+        library = torch.log(tensors["observed_library"])
+        library = library.expand(n_samples, *library.shape) if n_samples > 1 else library
+        return {"qz_m": qz_m, "qz_v": qz_v, "z_untransformed": z, "z": self._as_decoder_z(z), "library": library}
 
     def sample_z(self, qz_m: torch.Tensor, qz_v: torch.Tensor) -> torch.Tensor:
         """One draw of z from q(z | x) = N(qz_m, qz_v), as the decoder takes it."""
