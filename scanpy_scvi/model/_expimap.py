@@ -161,12 +161,16 @@ class EXPIMAP(TRVAE):
         n_ext: int = 0,
         new_programs: Programs | None = None,
         new_programs_soft_mask: bool = False,
+        use_hsic: bool | None = None,
         **options,
     ) -> tuple[dict, dict]:
         """trVAE's (no dropout), with ``n_ext`` unconstrained extension programs (scArches'
         ``new_n_ext``) and the constrained ones of ``new_programs`` (scArches' ``new_n_ext_m``
-        with ``new_ext_mask``) when asked."""
+        with ``new_ext_mask``) when asked; ``use_hsic`` (default: the reference's) penalises the
+        dependence of the extension programs on the annotated ones."""
         setup, architecture = super().query_changes(query, **options)
+        if use_hsic is not None:
+            architecture["use_hsic"] = bool(use_hsic)
         if (n_ext or new_programs is not None) and (self.architecture.n_ext or self.architecture.n_ext_masked):
             msg = (
                 "This expiMap model already has extension programs; n_ext and new_programs add them to a "
@@ -225,6 +229,15 @@ class EXPIMAP(TRVAE):
                 "n_genes": np.concatenate([in_mask, np.full(n_ext, len(self.setup.genes))]),
             },
             index=pd.Index(self.program_names(), name="program"),
+        )
+
+    def program_mask(self) -> pd.DataFrame:
+        """The gene-program mask: model genes x annotated programs (the reference's, then a query's
+        ``new_programs``), ``True`` where the gene belongs to the program."""
+        return pd.DataFrame(
+            to_numpy(self.module.decoder.masks()) > 0,
+            index=pd.Index(self.setup.genes, name="gene"),
+            columns=pd.Index(self.setup.program_names, name="program"),
         )
 
     def program_names(self) -> list[str]:

@@ -302,6 +302,17 @@ class SCPOLI(TRVAE):
         self.module.n_labels += 1
         self.setup = dataclasses.replace(self.setup, label_categories=[*self.setup.label_categories, name])
 
+    def copy_condition(self, source: str, target: str) -> None:
+        """Give condition ``target`` of the first condition key (``batch_key``) the embedding and the
+        dispersions of condition ``source`` (scArches' ``shot_surgery`` starts a query's condition
+        at its nearest reference condition so)."""
+        s, t = self.setup.batch_code(source), self.setup.batch_code(target)
+        with torch.no_grad():
+            table = self.module.embeddings[0].weight
+            table[t] = table[s]
+            if self.module.counts:
+                self.module.log_theta[:, t] = self.module.log_theta[:, s]
+
     # -- samples ----------------------------------------------------------------------------------
     def get_conditional_embeddings(self, key: str | None = None) -> AnnData:
         """The embeddings of one condition key as an AnnData: one row per condition (sample),

@@ -145,24 +145,31 @@ class TRVAE(SCVI):
         weights = 1.0 / np.bincount(condition)[condition]
         return weights / weights.sum()
 
-    def query_changes(self, query: AnnData, **options) -> tuple[dict[str, Any], dict[str, Any]]:
-        """A query model has no dropout (scArches' ``remove_dropout=True``)."""
+    def query_changes(
+        self, query: AnnData, *, remove_dropout: bool = True, **options
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A query model has no dropout (scArches' ``remove_dropout=True``); ``remove_dropout=False``
+        keeps the reference's."""
         setup, architecture = super().query_changes(query, **options)
-        return setup, {**architecture, "dropout_rate": 0.0}
+        return setup, ({**architecture, "dropout_rate": 0.0} if remove_dropout else architecture)
 
     # -- outputs -----------------------------------------------------------------------------------
     def get_y(
         self, adata: AnnData | None = None, indices=None, give_mean: bool = True, batch_size: int | None = None
     ) -> np.ndarray:
         """The first decoder layer's output per cell (scArches' ``get_y``, the space ``mmd_on='y'``
-        aligns), from the posterior mean of z (``give_mean``) or one draw (scArches)."""
+        aligns; for expiMap the gene logits of its linear decoder), from the posterior mean of z
+        (``give_mean``) or one draw (scArches)."""
         bound, idx = self.select(adata, indices)
-        out = np.empty((len(idx), self.architecture.hidden_layer_sizes[-1]), dtype=np.float32)
+        out = np.empty((0, self.architecture.hidden_layer_sizes[-1]), dtype=np.float32)
         with self.inference_mode():
             for rows, t in self.minibatches(bound, idx, batch_size, encoder_only=True):
                 inf = self.module.inference(t)
                 z = inf["qz_m"] if give_mean else inf["z"]
-                out[rows] = to_numpy(self.module.generative(z, inf["library"], t)["y"])
+                y = to_numpy(self.module.generative(z, inf["library"], t)["y"])
+                if rows.start == 0:  # the width is the module's (expiMap's y: the gene logits)
+                    out = np.empty((len(idx), y.shape[1]), dtype=np.float32)
+                out[rows] = y
         return out
 
     def _require_counts(self, what: str) -> None:

@@ -94,6 +94,7 @@ def gene_program_enrichment(
     model_key: str = "expimap",
     n_samples: int = 5000,
     use_directions: bool = True,
+    directions: Sequence[float] | None = None,
     only_active: bool = True,
     key_added: str = "expimap_enrichment",
     random_state: int | None = 0,
@@ -123,6 +124,10 @@ def gene_program_enrichment(
     use_directions
         Multiply the latent values by the programs' directions first, so that a positive Bayes
         factor means up-regulated genes (scArches' ``use_directions``).
+    directions
+        With ``use_directions``: the per-program signs to use instead of the model's, one per
+        program in :meth:`~scanpy_scvi.EXPIMAP.programs` order (e.g. scArches'
+        ``latent_directions(method='counts')``).
     only_active
         Test only active programs (inactive ones carry no signal).
     key_added
@@ -160,6 +165,14 @@ def gene_program_enrichment(
     table = model.programs()
     keep = table["active"].to_numpy() if only_active else np.ones(len(table), dtype=bool)
     signs = table["direction"].to_numpy() if use_directions else np.ones(len(table), dtype=np.float32)
+    if directions is not None:
+        if not use_directions:
+            msg = "directions are only used with use_directions=True."
+            raise ValueError(msg)
+        signs = np.asarray(directions, dtype=np.float32).ravel()
+        if signs.shape != (len(table),):
+            msg = f"directions must have one value per program ({len(table)}), got {signs.shape[0]}."
+            raise ValueError(msg)
     bound, idx = model.select(adata, None)
     with model.seeded(random_state):
         means, variances = model.latent(bound, idx, return_dist=True)
