@@ -628,3 +628,10 @@ def test_methods_without_meaning_raise(scpoli_run, expimap_run):
         sca.models.TRVAE.load_query_data(scpoli_run["target"], expimap_run["model"], latent_dim=3)
     with pytest.raises(TypeError, match="reference_model must be a TRVAE"):
         sca.models.TRVAE.load_query_data(scpoli_run["target"], expimap_run["model"])
+
+
+def test_scvi_tools_models_are_re_exported_as_in_scarches():
+    from scanpy_scvi.compat import scvi_tools
+
+    for name in ("SCVI", "SCANVI", "TOTALVI"):
+        assert getattr(sca.models, name) is getattr(scvi_tools.model, name)
