@@ -635,3 +635,15 @@ def test_scvi_tools_models_are_re_exported_as_in_scarches():
 
     for name in ("SCVI", "SCANVI", "TOTALVI"):
         assert getattr(sca.models, name) is getattr(scvi_tools.model, name)
+
+
+def test_remove_sparsity_at_scarches_path():
+    from scanpy_scvi.compat.scarches.dataset.trvae.data_handling import remove_sparsity
+
+    adata = make_adata(n_obs=20, n_vars=10)
+    dense = remove_sparsity(adata)
+    assert isinstance(dense.X, np.ndarray)
+    np.testing.assert_array_equal(dense.X, adata.X.toarray())
+    assert dense.obs.equals(adata.obs) and dense.var.equals(adata.var)
+    assert remove_sparsity(dense) is dense
+    assert sca.dataset.remove_sparsity is remove_sparsity

@@ -1,0 +1,1 @@
+"""scArches' ``scarches.dataset.trvae`` (its tutorials import ``data_handling`` from here)."""
