@@ -1053,19 +1053,8 @@ def _scvi_tools_table(df: pd.DataFrame, mode: str, fdr_target: float, *, all_sta
 
 
 # -- the model classes ----------------------------------------------------------------------------------
-def _scvi_setup(
-    cls,
-    adata: AnnData,
-    *,
-    layer=None,
-    batch_key=None,
-    labels_key=None,
-    size_factor_key=None,
-    categorical_covariate_keys=None,
-    continuous_covariate_keys=None,
-    extra: Mapping[str, Any] | None = None,
-    kwargs: Mapping[str, Any],
-) -> None:
+def _scvi_setup(cls, adata: AnnData, kwargs: Mapping[str, Any], **keys) -> None:
+    """Check and record ``setup_anndata``'s arguments ``keys`` (``kwargs``: the unknown ones)."""
     if kwargs:
         msg = f"{cls.__name__}.setup_anndata() got unexpected keyword arguments {sorted(kwargs)}."
         raise TypeError(msg)
@@ -1074,13 +1063,9 @@ def _scvi_setup(
             ", use setup_mudata." if cls._kind == "TOTALVI" else "."
         )
         raise TypeError(msg)
-    args = _clean_keys(
-        layer=layer, batch_key=batch_key, labels_key=labels_key, size_factor_key=size_factor_key,
-        categorical_covariate_keys=categorical_covariate_keys, continuous_covariate_keys=continuous_covariate_keys,
-    )  # fmt: skip
-    if labels_key is None:
+    args = _clean_keys(**keys)
+    if args.get("labels_key", "") is None:
         del args["labels_key"]
-    args.update(extra or {})
     checked = {k: v for k, v in args.items() if k != "unlabeled_category"}
     DataSetup.from_adata(adata, **checked)  # keys, layer and categories checked now, as scvi-tools does
     cls._record(adata, args)
@@ -1150,10 +1135,16 @@ class SCVI(_Door, _ours.SCVI, register=False):
         ``adata`` is changed (scvi-tools also adds ``_scvi_*`` obs columns; none here).
         """
         _scvi_setup(
-            cls, adata, layer=layer, batch_key=batch_key, labels_key=labels_key, size_factor_key=size_factor_key,
-            categorical_covariate_keys=categorical_covariate_keys, continuous_covariate_keys=continuous_covariate_keys,
-            kwargs=kwargs,
-        )  # fmt: skip
+            cls,
+            adata,
+            kwargs,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+        )
 
     def train(
         self,
@@ -1292,10 +1283,17 @@ class SCANVI(_Door, _ours.SCANVI, register=False):
             msg = "SCANVI.setup_anndata needs labels_key (an obs column of cell types)."
             raise ValueError(msg)
         _scvi_setup(
-            cls, adata, layer=layer, batch_key=batch_key, labels_key=labels_key, size_factor_key=size_factor_key,
-            categorical_covariate_keys=categorical_covariate_keys, continuous_covariate_keys=continuous_covariate_keys,
-            extra={"unlabeled_category": str(unlabeled_category)}, kwargs=kwargs,
-        )  # fmt: skip
+            cls,
+            adata,
+            kwargs,
+            layer=layer,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+            unlabeled_category=str(unlabeled_category),
+        )
 
     @classmethod
     def from_scvi_model(
@@ -1448,11 +1446,17 @@ class TOTALVI(_Door, _ours.TOTALVI, register=False):
     ) -> None:
         """Check and record the setup: :class:`scanpy_scvi.TOTALVI`'s arguments of the same names."""
         _scvi_setup(
-            cls, adata, layer=layer, batch_key=batch_key, size_factor_key=size_factor_key,
-            categorical_covariate_keys=categorical_covariate_keys, continuous_covariate_keys=continuous_covariate_keys,
-            extra={"protein_expression_obsm_key": protein_expression_obsm_key, "protein_names_uns_key": protein_names_uns_key},
-            kwargs=kwargs,
-        )  # fmt: skip
+            cls,
+            adata,
+            kwargs,
+            layer=layer,
+            batch_key=batch_key,
+            size_factor_key=size_factor_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+            protein_expression_obsm_key=protein_expression_obsm_key,
+            protein_names_uns_key=protein_names_uns_key,
+        )
 
     @classmethod
     def setup_mudata(
