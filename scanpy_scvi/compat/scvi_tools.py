@@ -1366,20 +1366,6 @@ class SCANVI(_Door, _ours.SCANVI, register=False):
         )  # fmt: skip
         super().train(max_epochs, **kwargs)
 
-    def predict(
-        self,
-        adata: AnnData | None = None,
-        indices=None,
-        soft: bool = False,
-        batch_size: int | None = None,
-        use_posterior_mean: bool = True,
-    ) -> np.ndarray | pd.DataFrame:
-        """Predicted labels (or, ``soft``, their probabilities) at the posterior mean of z."""
-        if not use_posterior_mean:
-            msg = "use_posterior_mean=False (predictions from a random z draw) is not available."
-            raise ValueError(msg)
-        return super().predict(adata, indices, soft, batch_size)
-
 
 class TOTALVI(_Door, _ours.TOTALVI, register=False):
     """scvi-tools' ``scvi.model.TOTALVI`` over :class:`scanpy_scvi.TOTALVI`.

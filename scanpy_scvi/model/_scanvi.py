@@ -183,8 +183,10 @@ class SCANVI(SCVI):
         indices=None,
         soft: bool = False,
         batch_size: int | None = None,
+        use_posterior_mean: bool = True,
     ) -> np.ndarray | pd.DataFrame:
-        """Predicted cell types, from the classifier at the posterior mean of z.
+        """Predicted cell types, from the classifier at the posterior mean of z
+        (``use_posterior_mean=False``: at one draw of z per cell, from torch's global RNG).
 
         Returns
         -------
@@ -192,7 +194,7 @@ class SCANVI(SCVI):
         class probabilities (rows: cells, indexed by ``obs_names``; columns: the known labels).
         """
         bound, idx = self.select(adata, indices)
-        probs = self._label_probabilities(bound, idx, batch_size)
+        probs = self._label_probabilities(bound, idx, batch_size, use_posterior_mean)
         labels = np.asarray(self.setup.label_categories, dtype=object)
         if not soft:
             return labels[probs.argmax(axis=1)]
@@ -207,11 +209,13 @@ class SCANVI(SCVI):
         names = np.asarray(self.setup.label_categories, dtype=object)
         return pd.Categorical(names[probs.argmax(1)], categories=names), probs.max(1)
 
-    def _label_probabilities(self, bound: BoundData, idx: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    def _label_probabilities(
+        self, bound: BoundData, idx: np.ndarray, batch_size: int | None = None, use_posterior_mean: bool = True
+    ) -> np.ndarray:
         out = np.empty((len(idx), self.setup.n_labels), dtype=np.float32)
         with self.inference_mode():
             for rows, t in self.minibatches(bound, idx, batch_size, encoder_only=True):
-                out[rows] = to_numpy(torch.softmax(self.module.classify(t), dim=-1))
+                out[rows] = to_numpy(torch.softmax(self.module.classify(t, use_posterior_mean), dim=-1))
         return out
 
 

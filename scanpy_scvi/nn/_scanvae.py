@@ -73,9 +73,12 @@ class SCANVAE(VAE):
         )
         self.z_decoder = GaussianDecoder(k, k, n_cov=n_labels, **trunk, **self.decoder_norm)
 
-    def classify(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Label logits at the posterior mean of z (the reference's ``use_posterior_mean``)."""
-        qz_m = self.inference(tensors)["qz_m"]
+    def classify(self, tensors: dict[str, torch.Tensor], use_posterior_mean: bool = True) -> torch.Tensor:
+        """Label logits at the posterior mean of z (the reference's default), or at one draw of z."""
+        inf = self.inference(tensors)
+        if not use_posterior_mean:
+            return self.classifier(inf["z"])  # as the decoder takes it (softmax for 'ln')
+        qz_m = inf["qz_m"]
         if self.latent_distribution == "ln":
             qz_m = torch.softmax(qz_m, dim=-1)
         return self.classifier(qz_m)
