@@ -334,8 +334,22 @@ def test_scanvi_from_scvi_model_equals_ours():
     assert list(soft.columns) == ["label_0", "label_1", "label_2"] and np.allclose(soft.sum(1), 1, atol=1e-5)
     assert lvae.train_config["max_epochs"] == 3 and lvae.initialised_from == "SCVI"
     assert "SCANVI" in adata.uns["_scvi_setup"]  # recorded, as scvi-tools' from_scvi_model sets the data up
-    with pytest.raises(ValueError, match="n_samples_per_label"):
-        lvae.train(max_epochs=1, n_samples_per_label=10, **QUIET)
+    # n_samples_per_label: each epoch's labelled minibatches from at most that many cells per label
+    drawn = []
+    original = ss.model._scanvi.SemiSupervisedObjective.epoch_start
+
+    def spy(self, module, epoch):
+        original(self, module, epoch)
+        drawn.append(next(self._stream))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ss.model._scanvi.SemiSupervisedObjective, "epoch_start", spy)
+        lvae.train(max_epochs=2, n_samples_per_label=5, batch_size=512, **QUIET)
+    labels = lvae.bind().source.obs["labels"]
+    for cells in drawn:  # one labelled minibatch holds the whole epoch's pool
+        assert np.bincount(labels[cells], minlength=3).max() <= 5 and len(cells) == 15
+    assert not np.array_equal(np.sort(drawn[0]), np.sort(drawn[1]))  # drawn anew every epoch
+    assert lvae.train_config["n_samples_per_label"] == 5
     # use_posterior_mean=False classifies one draw of z: mostly the same calls, not all the same probabilities
     torch.manual_seed(0)
     drawn = lvae.predict(soft=True, use_posterior_mean=False)

@@ -1351,19 +1351,16 @@ class SCANVI(_Door, _ours.SCANVI, register=False):
         """scvi-tools' ``train`` over :meth:`scanpy_scvi.SCANVI.train`, as :meth:`SCVI.train` plus
         ``plan_kwargs['classification_ratio']`` (default 50). ``max_epochs=None`` after
         :meth:`from_scvi_model`: ``min(10, max(2, round(heuristic / 3)))``, as scvi-tools.
-        ``n_samples_per_label`` is not available: every labelled cell is drawn, cycled."""
-        if n_samples_per_label is not None:
-            msg = (
-                "n_samples_per_label is not available: the labelled minibatches cycle through every labelled cell. "
-                "To train on fewer labels, set the others to the unlabeled_category."
-            )
-            raise ValueError(msg)
+        ``n_samples_per_label``: each epoch's labelled minibatches come from at most that many
+        cells of each label, drawn anew every epoch."""
         kwargs = _train_kwargs(
             explicit={"batch_size": batch_size}, defaults={"batch_size": 128}, extra_plan=("classification_ratio",),
             accelerator=accelerator, devices=devices, train_size=train_size, validation_size=validation_size,
             shuffle_set_split=shuffle_set_split, datasplitter_kwargs=datasplitter_kwargs, plan_kwargs=plan_kwargs,
             datamodule=datamodule, trainer_kwargs=trainer_kwargs,
         )  # fmt: skip
+        if n_samples_per_label is not None:
+            kwargs["n_samples_per_label"] = int(n_samples_per_label)
         super().train(max_epochs, **kwargs)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._settings import keyword_settings, split_settings
+from .._settings import check_positive_int, keyword_settings, split_settings
 from ..data import BoundData, DataSetup, SetupArguments, categories
 from ..nn import SCANVAE, SCANVIArchitecture, to_numpy
 from ..train import Objective, Terms, TrainContext, minibatches
@@ -54,6 +54,7 @@ class SCANVI(SCVI):
     uns_key = "scanvi"
     module_class = SCANVAE
     classification_ratio = 50.0  # set by train()
+    n_samples_per_label: int | None = None  # set by train()
 
     def __init__(
         self,
@@ -137,7 +138,14 @@ class SCANVI(SCVI):
         )
 
     # -- training ------------------------------------------------------------------------------
-    def train(self, max_epochs: int | None = None, *, classification_ratio: float = 50.0, **kwargs) -> None:
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        classification_ratio: float = 50.0,
+        n_samples_per_label: int | None = None,
+        **kwargs,
+    ) -> None:
         """Semi-supervised training: the ELBO of all cells plus a cross-entropy on labelled cells.
 
         Labelled and unlabelled cells are split into training and validation sets separately
@@ -152,15 +160,23 @@ class SCANVI(SCVI):
             for a model made by :meth:`from_scvi_model`.
         classification_ratio
             Weight of the classification loss (reference default 50).
+        n_samples_per_label
+            Draw the labelled minibatches of each epoch from at most this many training cells
+            of each label, drawn anew every epoch (scvi-tools' option); ``None``: all of them.
         **kwargs
             Every other argument of :meth:`SCVI.train`.
         """
         if not classification_ratio >= 0:
             msg = f"classification_ratio must be >= 0, got {classification_ratio}."
             raise ValueError(msg)
+        if n_samples_per_label is not None:
+            check_positive_int(n_samples_per_label=n_samples_per_label)
         self.classification_ratio = float(classification_ratio)
+        self.n_samples_per_label = n_samples_per_label
         super().train(max_epochs, **kwargs)
         self.train_config["classification_ratio"] = self.classification_ratio
+        if n_samples_per_label is not None:
+            self.train_config["n_samples_per_label"] = n_samples_per_label
 
     def default_max_epochs(self, n_obs: int) -> int:
         heuristic = super().default_max_epochs(n_obs)
@@ -174,7 +190,11 @@ class SCANVI(SCVI):
         return split_groups([np.flatnonzero(labelled), np.flatnonzero(~labelled)], train_size, random_state)
 
     def objective(self, bound: BoundData, train_idx: np.ndarray) -> Objective:
-        return SemiSupervisedObjective(train_idx[self._labelled(bound)[train_idx]], self.classification_ratio)
+        labelled = train_idx[self._labelled(bound)[train_idx]]
+        per_label = None
+        if self.n_samples_per_label is not None:
+            per_label = (bound.source.obs["labels"][labelled], self.n_samples_per_label)
+        return SemiSupervisedObjective(labelled, self.classification_ratio, per_label)
 
     # -- prediction ------------------------------------------------------------------------------
     def predict(
@@ -243,16 +263,32 @@ class SemiSupervisedObjective(Objective):
 
     capturable = False  # draws labelled cells on the host at every step
 
-    def __init__(self, labelled_idx: np.ndarray, classification_ratio: float):
+    def __init__(
+        self,
+        labelled_idx: np.ndarray,
+        classification_ratio: float,
+        per_label: tuple[np.ndarray, int] | None = None,
+    ):
+        """``per_label``: the labels of ``labelled_idx`` and ``n``, to draw each epoch's labelled
+        minibatches from at most ``n`` cells of each label (drawn anew every epoch)."""
         self.labelled_idx = labelled_idx
         self.classification_ratio = classification_ratio
+        self.per_label = per_label
         self._stream = None
         self._context: TrainContext | None = None
 
     def begin(self, context: TrainContext) -> None:
         self._context = context
-        if len(self.labelled_idx):
+        if len(self.labelled_idx) and self.per_label is None:
             self._stream = _cycle(self.labelled_idx, context.config.batch_size, context.rng)
+
+    def epoch_start(self, module: nn.Module, epoch: int) -> None:
+        if self.per_label is None or not len(self.labelled_idx):
+            return
+        labels, n = self.per_label
+        rng = self._context.rng
+        chosen = [rng.permutation(self.labelled_idx[labels == y])[:n] for y in np.unique(labels)]
+        self._stream = _cycle(np.sort(np.concatenate(chosen)), self._context.config.batch_size, rng)
 
     def loss(self, module: nn.Module, batch: dict[str, torch.Tensor], kl_weight: float) -> Terms:
         labelled = None
