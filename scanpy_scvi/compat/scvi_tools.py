@@ -1534,34 +1534,6 @@ class TOTALVI(_Door, _ours.TOTALVI, register=False):
         """Background mean (beta) per cell and protein from one posterior draw, (cells, proteins)."""
         return self.get_likelihood_parameters(adata, indices, batch_size=batch_size)["background_mean"]
 
-    def get_normalized_expression(
-        self,
-        adata: AnnData | None = None,
-        indices=None,
-        n_samples_overall: int | None = None,
-        transform_batch=None,
-        gene_list: Sequence[str] | None = None,
-        protein_list: Sequence[str] | None = None,
-        library_size: float | Literal["latent"] = 1,
-        n_samples: int = 1,
-        sample_protein_mixing: bool = False,
-        scale_protein: bool = False,
-        include_protein_background: bool = False,
-        batch_size: int | None = None,
-        return_mean: bool = True,
-        return_numpy: bool | None = None,
-    ):
-        """:meth:`scanpy_scvi.TOTALVI.get_normalized_expression` in scvi-tools' argument order;
-        ``n_samples_overall``: that many cells drawn uniformly with replacement (torch's RNG), as arrays."""
-        if n_samples_overall is not None:
-            _bound, idx = self.select(adata, indices)
-            indices = idx[torch.randint(len(idx), (int(n_samples_overall),)).numpy()]
-            return_numpy = True if return_numpy is None else return_numpy
-        return super().get_normalized_expression(
-            adata, indices, transform_batch, gene_list, protein_list, library_size, n_samples, sample_protein_mixing,
-            scale_protein, include_protein_background, batch_size, return_mean, return_numpy,
-        )  # fmt: skip
-
     def differential_expression(
         self,
         adata: AnnData | None = None,

@@ -186,6 +186,7 @@ class TOTALVI(BaseModel):
         batch_size: int | None = None,
         return_mean: bool = True,
         return_numpy: bool | None = None,
+        n_samples_overall: int | None = None,
     ) -> tuple[pd.DataFrame, pd.DataFrame] | tuple[np.ndarray, np.ndarray]:
         """Denoised RNA and protein expression per cell: ``(rna, protein)``.
 
@@ -209,6 +210,9 @@ class TOTALVI(BaseModel):
             Rescale each cell's protein values to sum to 1.
         include_protein_background
             Add the background part: the expected protein count rather than its foreground.
+        n_samples_overall
+            Instead of every cell: this many cells drawn uniformly with replacement (torch's
+            RNG), returned as arrays unless ``return_numpy=False``.
 
         Notes
         -----
@@ -218,6 +222,10 @@ class TOTALVI(BaseModel):
         """
         check_positive_int(n_samples=n_samples)
         bound, idx = self.select(adata, indices)
+        if n_samples_overall is not None:
+            check_positive_int(n_samples_overall=n_samples_overall)
+            idx = idx[torch.randint(len(idx), (n_samples_overall,)).numpy()]
+            return_numpy = True if return_numpy is None else return_numpy
         codes = self.batch_codes(transform_batch)
         genes = self.gene_mask(gene_list)
         proteins = self._protein_mask(protein_list)
