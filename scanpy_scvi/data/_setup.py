@@ -273,6 +273,17 @@ class BoundData:
     def n_obs(self) -> int:
         return self.source.n_obs
 
+    def log_library_moments(self, n_batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per batch code, the mean and (population) variance of the cells' log total counts
+        (0 and 1 for a batch without cells): the learned-library prior."""
+        log_lib = np.log(self.library)
+        batch = self.source.obs["batch"]
+        means, variances = np.zeros(n_batch), np.ones(n_batch)
+        for b in range(n_batch):
+            if np.any(batch == b):
+                means[b], variances[b] = log_lib[batch == b].mean(), log_lib[batch == b].var()
+        return means, variances
+
 
 # -- checks ------------------------------------------------------------------------------
 def _check_layer(adata: AnnData, layer: str | None) -> None:

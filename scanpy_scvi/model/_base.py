@@ -108,12 +108,7 @@ class BaseModel:
     def _init_library_prior(self, bound: BoundData) -> None:
         """Per-batch mean and (population) variance of log total counts of the bound cells: the
         learned-library prior (a batch without cells keeps N(0, 1))."""
-        log_lib = np.log(bound.library)
-        batch = bound.source.obs["batch"]
-        means, variances = np.zeros(self.setup.n_batch), np.ones(self.setup.n_batch)
-        for b in range(self.setup.n_batch):
-            if np.any(batch == b):
-                means[b], variances[b] = log_lib[batch == b].mean(), log_lib[batch == b].var()
+        means, variances = bound.log_library_moments(self.setup.n_batch)
         self.module.library_log_means.copy_(torch.as_tensor(means[None], dtype=torch.float32))
         self.module.library_log_vars.copy_(torch.as_tensor(variances[None], dtype=torch.float32))
 

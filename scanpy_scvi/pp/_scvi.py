@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._compat import logg
 from .._settings import keyword_settings, split_settings
-from ..compat.scvi0 import Posterior, architecture_from_vae_kwargs, check_monitor, train_from_trainer_kwargs
+from ..compat.scvi0 import Posterior, architecture_from_vae_kwargs, train_from_trainer_kwargs
 from ..data import SetupArguments
 from ..nn import VAEArchitecture
 from ._run import Run, RunArguments, check_key_added
@@ -126,10 +127,9 @@ def scvi(
     call = {"train_size": train_size, "batch_size": batch_size, "n_obs": adata.n_obs,
             "use_cuda": run_args.get("use_cuda", True), "random_state": run_args.get("random_state", 0)}  # fmt: skip
     call["explicit"] = {*(k for k in ("use_cuda", "random_state") if k in run_args),
-                        *(k for k, default in _SCVI_DEFAULTS.items() if call[k] != default)}  # fmt: skip
+                        *(k for k in ("train_size", "batch_size") if call[k] != _default_of(k))}  # fmt: skip
     extra_train, updates = train_from_trainer_kwargs(trainer_kwargs or {}, call)
     train_size, batch_size = updates.pop("train_size", train_size), updates.pop("batch_size", batch_size)
-    check_monitor(extra_train, train_size)
     early_stopping = extra_train.pop("early_stopping", early_stopping)
     run = Run({**run_args, **updates}, default_epochs=400, default_return_model=True)
     uns_key = check_key_added(key_added)
@@ -179,7 +179,8 @@ def scvi(
     return run.result(adata, Posterior(model) if run.args.return_posterior else model)
 
 
-_SCVI_DEFAULTS = {"train_size": 1.0, "batch_size": 128}
+def _default_of(argument: str) -> Any:
+    return inspect.signature(scvi).parameters[argument].default
 
 
 def _available_memory() -> int | None:

@@ -17,14 +17,13 @@ the method's docstring says so.
 
 from __future__ import annotations
 
-from ._arguments import OUR_TRAIN_SETTINGS, architecture_from_vae_kwargs, check_monitor, train_from_trainer_kwargs
+from ._arguments import OUR_TRAIN_SETTINGS, architecture_from_vae_kwargs, train_from_trainer_kwargs
 from ._posterior import Posterior, load_posterior
 
 __all__ = [
     "OUR_TRAIN_SETTINGS",
     "Posterior",
     "architecture_from_vae_kwargs",
-    "check_monitor",
     "load_posterior",
     "train_from_trainer_kwargs",
 ]

@@ -113,6 +113,7 @@ def train_from_trainer_kwargs(kwargs: Mapping[str, Any], call: Mapping[str, Any]
     """
     train: dict[str, Any] = {}
     updates: dict[str, Any] = {}
+    monitored = None  # early_stopping_kwargs['on']
 
     def update(name: str, value: Any, given_as: str) -> None:
         if name in call.get("explicit", ()) and call[name] != value:
@@ -154,7 +155,8 @@ def train_from_trainer_kwargs(kwargs: Mapping[str, Any], call: Mapping[str, Any]
                 )
                 raise ValueError(msg)
         elif key == "early_stopping_kwargs":
-            train.update(_early_stopping(value or {}))
+            settings, monitored = _early_stopping(value or {})
+            train.update(settings)
         elif key == "data_loader_kwargs":
             for k, v in (value or {}).items():
                 if k == "batch_size":
@@ -174,6 +176,8 @@ def train_from_trainer_kwargs(kwargs: Mapping[str, Any], call: Mapping[str, Any]
                 f"weight_decay, batch_size, seed, use_cuda) and our training settings {list(OUR_TRAIN_SETTINGS)}."
             )
             raise TypeError(msg)
+    if monitored is not None and (train.get("early_stopping") or train.get("reduce_lr_on_plateau")):
+        _check_monitor(monitored, updates.get("train_size", call["train_size"]))
     return train, updates
 
 
@@ -195,9 +199,10 @@ def _fraction(value, n_obs: int, name: str) -> float:
     return value
 
 
-def _early_stopping(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Our settings for a 0.x ``early_stopping_kwargs`` dict."""
+def _early_stopping(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Our settings for a 0.x ``early_stopping_kwargs`` dict, and the set it monitors (``on``)."""
     out: dict[str, Any] = {}
+    on = None
     for key, value in kwargs.items():
         if key == "early_stopping_metric":
             if value not in (None, "elbo"):
@@ -215,7 +220,7 @@ def _early_stopping(kwargs: Mapping[str, Any]) -> dict[str, Any]:
             if value not in ("test_set", "train_set"):
                 msg = f"early_stopping_kwargs['on'] must be 'test_set' or 'train_set', got {value!r}."
                 raise ValueError(msg)
-            out["_monitor"] = value
+            on = value
         elif key == "patience":
             out["early_stopping_patience"] = value
         elif key == "threshold":
@@ -232,15 +237,12 @@ def _early_stopping(kwargs: Mapping[str, Any]) -> dict[str, Any]:
                 "on, patience, threshold, reduce_lr_on_plateau, lr_patience, lr_factor)."
             )
             raise TypeError(msg)
-    return out
+    return out, on
 
 
-def check_monitor(train: dict[str, Any], train_size: float) -> None:
+def _check_monitor(on: str, train_size: float) -> None:
     """0.x monitored the ``on`` set; here early stopping monitors the held-out cells when there are
-    any and the training cells otherwise: the two must agree (the entry is removed)."""
-    on = train.pop("_monitor", None)
-    if on is None or (not train.get("early_stopping") and not train.get("reduce_lr_on_plateau")):
-        return
+    any and the training cells otherwise: the two must agree."""
     held_out = train_size < 1
     if (on == "test_set") != held_out:
         msg = (

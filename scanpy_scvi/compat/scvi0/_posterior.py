@@ -113,12 +113,8 @@ class Posterior:
     def _library_prior(self):
         """Per-cell mean and variance of the log library in the cell's batch (0.x's
         ``local_l_mean``/``local_l_var``)."""
-        log_lib = np.log(self._bound.library)
+        means, variances = self._bound.log_library_moments(self.model.setup.n_batch)
         batch = self._bound.source.obs["batch"]
-        means = np.zeros(self.model.setup.n_batch)
-        variances = np.ones(self.model.setup.n_batch)
-        for b in np.unique(batch):
-            means[b], variances[b] = log_lib[batch == b].mean(), log_lib[batch == b].var()
 
         def at(rows):
             return (torch.as_tensor(means[batch[rows]].reshape(-1, 1), dtype=torch.float32),
@@ -395,7 +391,7 @@ class Posterior:
                 return_mean=False,
                 return_numpy=True,
                 batch_size=self.batch_size,
-            ).reshape(-1, len(self.model.setup.genes))  # fmt: skip  (sample-major rows)
+            ).reshape(-1, len(self.model.setup.genes))  # rows sample-major: draw k of every cell, then k + 1
             batch = np.tile(self._bound.source.obs["batch"][cells], per_cell) if b is None else np.full(len(s), b)
             if n_samples_per_cell is None:
                 s, batch = s[: max(1, n_samples // len(batches))], batch[: max(1, n_samples // len(batches))]
