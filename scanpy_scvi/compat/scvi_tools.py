@@ -42,7 +42,7 @@ import torch
 from .. import model as _ours
 from .. import tl
 from .._compat import logg, warn
-from ..data import DataSetup
+from ..data import DataSetup, is_mudata
 from ..model import BaseModel, query_model
 from ..nn import to_numpy
 
@@ -152,10 +152,6 @@ def _clean_keys(**args) -> dict[str, Any]:
             v = [v] if isinstance(v, str) else [str(x) for x in v]
         out[k] = v
     return out
-
-
-def _is_mudata(data) -> bool:
-    return hasattr(data, "mod") and type(data).__name__ == "MuData"
 
 
 # -- argument translation -------------------------------------------------------------------------------
@@ -1058,7 +1054,7 @@ def _scvi_setup(cls, adata: AnnData, kwargs: Mapping[str, Any], **keys) -> None:
     if kwargs:
         msg = f"{cls.__name__}.setup_anndata() got unexpected keyword arguments {sorted(kwargs)}."
         raise TypeError(msg)
-    if _is_mudata(adata):
+    if is_mudata(adata):
         msg = f"{cls.__name__}.setup_anndata takes an AnnData" + (
             ", use setup_mudata." if cls._kind == "TOTALVI" else "."
         )

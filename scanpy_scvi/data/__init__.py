@@ -3,7 +3,7 @@
 from ._arguments import SetupArguments
 from ._batches import MinibatchSource
 from ._blocks import BlockReader, stream
-from ._mudata import anndata_from_mudata, mudata_modalities
+from ._mudata import anndata_from_mudata, is_mudata, mudata_modalities
 from ._order import epoch_minibatches, minibatches
 from ._programs import Programs, gene_sets, program_rows, read_gmt
 from ._proteins import background_prior, measured_proteins
@@ -23,6 +23,7 @@ __all__ = [
     "categories",
     "epoch_minibatches",
     "gene_sets",
+    "is_mudata",
     "measured_proteins",
     "minibatches",
     "mudata_modalities",

@@ -145,6 +145,11 @@ def mudata_modalities(mdata: MuData, modalities: Mapping[str, str | None] | None
     return rna, protein, (obs_mods[0] if obs_mods else None)
 
 
+def is_mudata(obj: Any) -> bool:
+    """Whether ``obj`` is a MuData, without importing mudata (an optional dependency)."""
+    return any(c.__name__ == "MuData" and c.__module__.split(".")[0] == "mudata" for c in type(obj).__mro__)
+
+
 def check_mudata(mdata: Any) -> None:
     """Raise unless ``mdata`` is a MuData (an ``ImportError`` when ``mudata`` is not installed)."""
     try:

@@ -11,7 +11,7 @@ import numpy as np
 
 from .._compat import logg
 from .._settings import keyword_settings, split_settings
-from ..data import SetupArguments, anndata_from_mudata, mudata_modalities
+from ..data import SetupArguments, anndata_from_mudata, is_mudata, mudata_modalities
 from ..nn import TOTALVIArchitecture
 from ._run import Run, RunArguments, check_key_added
 from ._scvi import check_expression_fits
@@ -140,7 +140,7 @@ def totalvi(
     run = Run(run_args, default_epochs=None, default_return_model=False)
     uns_key = check_key_added(key_added)
     mdata, read = None, {}
-    if _is_mudata(adata):
+    if is_mudata(adata):
         if protein_expression_obsm_key != "protein_expression" or protein_names_uns_key is not None:
             msg = (
                 "protein_expression_obsm_key and protein_names_uns_key apply to an AnnData; a MuData's protein "
@@ -234,11 +234,6 @@ def _is_anndata(obj: Any) -> bool:
     from anndata import AnnData
 
     return isinstance(obj, AnnData)
-
-
-def _is_mudata(obj: Any) -> bool:
-    """Whether ``obj`` is a MuData, without importing mudata (an optional dependency)."""
-    return any(c.__name__ == "MuData" and c.__module__.split(".")[0] == "mudata" for c in type(obj).__mro__)
 
 
 def _mudata_params(mdata: MuData, read: dict[str, Any]) -> dict[str, Any]:
