@@ -971,9 +971,8 @@ class _Door:
         query, _added = query_model(
             reference, adata, max_missing_genes=0.0, freeze_expression=freeze_expression,
             freeze_batchnorm_decoder=freeze_batchnorm_decoder, random_state=settings.seed,
+            remove_dropout=freeze_dropout,
         )  # fmt: skip
-        if freeze_dropout:
-            _without_dropout(query)
         query.to_device(target)
         cls._record(adata, _setup_args(query.setup, cls._kind))
         return query
@@ -1006,17 +1005,6 @@ def _no_prefix(prefix) -> None:
     if prefix is not None:
         msg = "prefix is not available: a model directory holds model.safetensors and config.json."
         raise ValueError(msg)
-
-
-def _without_dropout(model) -> None:
-    """scvi-tools' ``freeze_dropout``: dropout off, in the module and in the saved architecture."""
-    rates = [
-        f for f in ("dropout_rate", "dropout_rate_encoder", "dropout_rate_decoder") if hasattr(model.architecture, f)
-    ]
-    model.architecture = model.architecture.replace(**dict.fromkeys(rates, 0.0))
-    for m in model.module.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
 
 
 _CHANGE_COLUMNS = (

@@ -251,16 +251,21 @@ class BaseModel:
         replacement; ``None`` (default): every training cell once per epoch."""
         return None
 
-    def query_changes(self, query: AnnData, **options) -> tuple[dict[str, Any], dict[str, Any]]:
+    def query_changes(
+        self, query: AnnData, *, remove_dropout: bool = False, **options
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """(data setup, architecture) changes of a query model that surgery maps onto this one,
-        from the model-specific ``options`` of ``tl.map_query`` (none here). Query cells are
-        unlabelled: the label codes are dropped unless a dispersion per label needs them."""
+        from the model-specific ``options`` of ``tl.map_query``; ``remove_dropout``: the query
+        model has no dropout. Query cells are unlabelled: the label codes are dropped unless a
+        dispersion per label needs them."""
         if options:
             msg = f"{', '.join(options)}: not an option of {self.name} references."
             raise ValueError(msg)
-        per_label = any(str(v).endswith("-label") for v in self.architecture.to_dict().values())
+        settings = self.architecture.to_dict()
+        per_label = any(str(v).endswith("-label") for v in settings.values())
         unlabelled = self.setup.unlabeled_category is not None or not per_label
-        return ({"labels_key": None} if unlabelled else {}), {}
+        no_dropout = {k: 0.0 for k in settings if k.startswith("dropout_rate")} if remove_dropout else {}
+        return ({"labels_key": None} if unlabelled else {}), no_dropout
 
     def adopt_query(self, query: AnnData, reference: BaseModel, **options) -> None:
         """Called on a query model built by surgery, once the reference's weights are in, with the

@@ -148,10 +148,9 @@ class TRVAE(SCVI):
     def query_changes(
         self, query: AnnData, *, remove_dropout: bool = True, **options
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """A query model has no dropout (scArches' ``remove_dropout=True``); ``remove_dropout=False``
-        keeps the reference's."""
-        setup, architecture = super().query_changes(query, **options)
-        return setup, ({**architecture, "dropout_rate": 0.0} if remove_dropout else architecture)
+        """A query model has no dropout by default (scArches' ``remove_dropout=True``);
+        ``remove_dropout=False`` keeps the reference's."""
+        return super().query_changes(query, remove_dropout=remove_dropout, **options)
 
     # -- outputs -----------------------------------------------------------------------------------
     def get_y(
