@@ -176,7 +176,9 @@ def scvi(
     adata.uns[uns_key] = model.uns_record(params, store_model=run.store_model)
     outputs = f"'{key_added}'" + (f", '{key_added}_denoised', '{key_added}_sample_rate'" if expression else "")
     logg.info("    finished", time=start, deep=f"added\n    {outputs} (adata.obsm)\n    '{uns_key}' (adata.uns)")
-    return run.result(adata, Posterior(model) if run.args.return_posterior else model)
+    if run.args.return_posterior:  # on the device the model trained on (Posterior's use_cuda would move it)
+        return run.result(adata, Posterior(model, use_cuda=model.device.type == "cuda"))
+    return run.result(adata, model)
 
 
 def _default_of(argument: str) -> Any:

@@ -158,13 +158,9 @@ def train_from_trainer_kwargs(kwargs: Mapping[str, Any], call: Mapping[str, Any]
             settings, monitored = _early_stopping(value or {})
             train.update(settings)
         elif key == "data_loader_kwargs":
-            for k, v in (value or {}).items():
-                if k == "batch_size":
-                    update("batch_size", v, "data_loader_kwargs']['batch_size")
-                elif k not in ("shuffle", "pin_memory", "num_workers"):
-                    msg = f"trainer_kwargs['data_loader_kwargs'] key {k!r} has no meaning here (only batch_size)."
-                    raise TypeError(msg)
-                # shuffling is always on for training; minibatches are built in-process
+            size = loader_batch_size(value or {}, "trainer_kwargs['data_loader_kwargs']")
+            if size is not None:
+                update("batch_size", size, "data_loader_kwargs']['batch_size")
         elif key in _NO_MEANING:
             msg = f"trainer_kwargs[{key!r}] has no meaning here: {_NO_MEANING[key]}."
             raise TypeError(msg)
@@ -179,6 +175,18 @@ def train_from_trainer_kwargs(kwargs: Mapping[str, Any], call: Mapping[str, Any]
     if monitored is not None and (train.get("early_stopping") or train.get("reduce_lr_on_plateau")):
         _check_monitor(monitored, updates.get("train_size", call["train_size"]))
     return train, updates
+
+
+def loader_batch_size(data_loader_kwargs: Mapping[str, Any], where: str) -> int | None:
+    """The ``batch_size`` of 0.x ``data_loader_kwargs`` (None if absent). ``shuffle``,
+    ``pin_memory`` and ``num_workers`` are accepted and change nothing: training always shuffles,
+    outputs come in cell order, minibatches are built in-process; other keys are errors."""
+    for key in data_loader_kwargs:
+        if key not in ("batch_size", "shuffle", "pin_memory", "num_workers"):
+            msg = f"{where} key {key!r} has no meaning here (only batch_size)."
+            raise TypeError(msg)
+    size = data_loader_kwargs.get("batch_size")
+    return None if size is None else int(size)
 
 
 def _set_once(store: dict[str, Any], name: str, value: Any, source: str) -> None:

@@ -19,6 +19,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from ._arguments import loader_batch_size
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -68,12 +70,11 @@ class Posterior:
         self._bound = model.bind(self.gene_dataset)  # checked once
         n = self._bound.n_obs
         self._indices = np.arange(n) if indices is None else _positions(indices, n)
-        self.batch_size = 128
+        self.batch_size = loader_batch_size(data_loader_kwargs or {}, "data_loader_kwargs") or 128
         self._corrupted: AnnData | None = None  # the corrupted counts while corrupted()
         self._originals: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if use_cuda and torch.cuda.is_available() and model.device.type != "cuda":
             model.to_device("cuda")
-        self.update(dict(data_loader_kwargs or {}), _inplace=True)
 
     # -- attributes --------------------------------------------------------------------------------
     @property
@@ -134,16 +135,11 @@ class Posterior:
         new.batch_size = int(batch_size or 128)
         return new
 
-    def update(self, data_loader_kwargs: Mapping[str, Any], _inplace: bool = False) -> Posterior:
+    def update(self, data_loader_kwargs: Mapping[str, Any]) -> Posterior:
         """A copy with new data-loader settings: ``batch_size`` (``shuffle``, ``pin_memory`` and
         ``num_workers`` are accepted and change nothing: results come in cell order, in-process)."""
-        new = self if _inplace else self._copy()
-        for key, value in data_loader_kwargs.items():
-            if key == "batch_size":
-                new.batch_size = int(value)
-            elif key not in ("shuffle", "pin_memory", "num_workers"):
-                msg = f"data_loader_kwargs key {key!r} has no meaning here (only batch_size)."
-                raise TypeError(msg)
+        new = self._copy()
+        new.batch_size = loader_batch_size(data_loader_kwargs, "data_loader_kwargs") or self.batch_size
         return new
 
     def update_sampler_indices(self, idx) -> None:
